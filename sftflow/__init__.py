@@ -1,0 +1,1 @@
+"""sftflow: workflow-orchestrated supervised fine-tuning."""

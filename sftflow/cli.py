@@ -1,0 +1,109 @@
+"""The `sftflow` command line. Heavy libraries are imported only inside commands, after the
+environment (state dir, offline mode) is set, so `--help` is instant and offline mode holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="sftflow: curate, split, template, fine-tune (TRL) and evaluate forgetting (lm-eval), "
+                       "orchestrated by Prefect and tracked in MLflow.", no_args_is_help=True)
+model_app = typer.Typer(help="Base models available offline (registry aliases).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="pipeline config YAML, e.g. configs/demo.yaml")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override: key.path=value (repeatable)")]
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from sftflow.configs.schema import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def print_summary(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("measure", "base", "fine-tuned", "delta", "n"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+    for r in rows:
+        colour = "green" if r["delta"] > 0 else "red" if r["delta"] < 0 else "white"
+        table.add_row(r["measure"], f"{r['base']:.3f}", f"{r['fine-tuned']:.3f}",
+                      f"[{colour}]{r['delta']:+.3f}[/{colour}]", str(r["n"]))
+    console.print(table)
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Run the whole pipeline (a Prefect flow; local Prefect and MLflow unless configured otherwise)."""
+    import os
+    import time
+
+    from sftflow import env
+
+    cfg = _load(config, set_)
+    state = env.configure(cfg.offline)
+    from sftflow.flows.sft_pipeline import sft_pipeline
+    from sftflow.models import ModelError
+    from sftflow.tasks.load import DataError
+
+    start = time.perf_counter()
+    try:
+        result = sft_pipeline(config=cfg)
+    except (DataError, ModelError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]sftflow run failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    print_summary(result["rows"], f"sftflow {cfg.name}: base vs fine-tuned")
+    console.print(f"wall time {time.perf_counter() - start:.0f} s; run dir {result['run_dir']}")
+    console.print(f"MLflow run {result['mlflow_run_id']} in {os.environ['MLFLOW_TRACKING_URI']}\n"
+                  f"  browse: mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1\n"
+                  f"  Prefect: PREFECT_HOME={state / 'prefect'} prefect server start --host 127.0.0.1")
+
+
+@app.command("config")
+def show_config(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Validate a config with its overrides and print the resolved result."""
+    import yaml
+
+    cfg = _load(config, set_)
+    console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
+    console.print(f"# config hash {cfg.digest()}")
+
+
+@model_app.command("pull")
+def model_pull(name: Annotated[str, typer.Argument(help="registry alias, e.g. smollm2-135m-instruct")],
+               force: Annotated[bool, typer.Option(help="rebuild even if cached")] = False) -> None:
+    """Fetch and convert a registry model into <state>/models (checksum-verified, safetensors)."""
+    from sftflow import env
+
+    env.configure(offline=True)
+    from sftflow.models import ModelError, pull
+
+    try:
+        path = pull(name, force=force)
+    except ModelError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"{name}: {path}")
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List registry aliases and whether each is already built."""
+    from sftflow.models import MANIFEST, models_dir, registry
+
+    for name, spec in registry().items():
+        built = (models_dir() / name / MANIFEST).exists()
+        console.print(f"{name:28s} {spec['kind']:12s} {'built' if built else 'not built'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,48 @@
+"""Process environment: the project-local state directory and offline mode.
+
+Must run before torch/transformers/prefect/mlflow are imported: several of them read these
+variables once, at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Variables that stop hub look-ups and telemetry (probed on this machine: with them, no outside calls).
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow ignores DO_NOT_TRACK=1; it wants "true"
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+def state_dir() -> Path:
+    """Where runs, models, Prefect's and MLflow's databases live (default ./.sftflow)."""
+    return Path(os.environ.get("SFTFLOW_HOME", ".sftflow")).expanduser().resolve()
+
+
+def default_tracking_uri(state: Path | None = None) -> str:
+    return f"sqlite:///{(state or state_dir()) / 'mlflow.db'}"
+
+
+def configure(offline: bool) -> Path:
+    """Point Prefect and MLflow at the state directory and apply offline mode. Returns the state dir.
+
+    Explicit environment wins: a user's PREFECT_HOME, PREFECT_API_URL or MLFLOW_TRACKING_URI is kept.
+    """
+    state = state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("SFTFLOW_HOME", str(state))
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(state))
+    # A cold ephemeral Prefect server runs migrations first; the 20 s default is tight on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if offline:
+        os.environ.update(OFFLINE_ENV)
+    return state

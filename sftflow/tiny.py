@@ -1,0 +1,61 @@
+"""A tiny random Llama with a byte-level BPE tokenizer trained on the fly: the test/smoke model.
+
+Byte-level means any text round-trips; the few merges keep sequences short enough for fast tests.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Merges come from this text; any other text still encodes (as bytes).
+_CORPUS = """\
+In this task, you are given a review. Your task is to classify the sentiment of the review as positive
+or negative. The following are multiple choice questions (with answers) about the subject. Answer:
+The movie was great and the acting was wonderful. The product broke after one day, a terrible purchase.
+Question: which of the following is true? A. the first B. the second C. the third D. the fourth
+Evaluate the result of a random Boolean expression. True and False or not True is False.
+system user assistant You are a helpful assistant. Input: Output: POS NEG Positive Negative yes no
+"""
+
+
+def chatml_template() -> str:
+    return resources.files("sftflow.configs").joinpath("templates/chatml.jinja").read_text().strip()
+
+
+def build_tokenizer(vocab_size: int, model_max_length: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token=None, model_max_length=model_max_length)
+    fast.chat_template = chatml_template()
+    return fast
+
+
+def build_tiny_llama(dest: Path, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                     vocab_size: int = 512, model_max_length: int = 4096, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(vocab_size, model_max_length)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=model_max_length, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return dest

@@ -1,0 +1,130 @@
+"""MLflow run tree (one parent per flow run, one child per stage) and the thin stage-task wrapper.
+
+Stage functions stay plain: `fn(..., out_dir=Path) -> {"metrics": {...}, "artifacts": [...], ...}`.
+`stage_task` turns one into a Prefect task that runs it inside its own child MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+
+class RunContext(BaseModel):
+    """What every stage needs to find its folder and its parent MLflow run."""
+
+    run_dir: str
+    parent_run_id: str
+    experiment_id: str
+
+    def stage_dir(self, name: str) -> Path:
+        path = Path(self.run_dir) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def ensure_experiment(name: str, artifact_root: Path) -> str:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return mlflow.create_experiment(name, artifact_location=(artifact_root / name).resolve().as_uri())
+
+
+def finite_metrics(metrics: dict) -> dict[str, float]:
+    """MLflow rejects None; NaN/inf are kept out too so the compare view stays readable."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
+    import mlflow
+
+    for p in map(Path, paths):
+        if p.is_dir():
+            mlflow.log_artifacts(str(p), artifact_path=f"{artifact_path}/{p.name}" if artifact_path else p.name)
+        elif p.exists():
+            mlflow.log_artifact(str(p), artifact_path=artifact_path)
+
+
+def run_stage(name: str, fn: Callable, ctx: RunContext, *args, **kwargs) -> dict:
+    """Run `fn` in a child MLflow run of ctx.parent_run_id; log its metrics, artifacts and duration."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    out_dir = ctx.stage_dir(name)
+    with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=name, parent_run_id=ctx.parent_run_id,
+                          nested=True, tags={"sftflow.stage": name}) as run:
+        start = time.perf_counter()
+        result = fn(*args, out_dir=out_dir, **kwargs) or {}
+        duration = time.perf_counter() - start
+        metrics = finite_metrics({**result.get("metrics", {}), f"{name}/duration_s": duration})
+        if result.get("params"):
+            mlflow.log_params({k: str(v)[:6000] for k, v in result["params"].items()})
+        mlflow.log_metrics(metrics)
+        log_artifacts(result.get("artifacts", []))
+        result["mlflow_run_id"] = run.info.run_id
+    # Summary metrics also on the parent, so runs compare at the top level.
+    MlflowClient().log_batch(ctx.parent_run_id, metrics=[
+        mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()])
+    result["metrics"] = metrics
+    return result
+
+
+def stage_task(fn: Callable, name: str, **task_kwargs) -> Callable:
+    """Thin Prefect wrapper: task(ctx, *args) -> run_stage(name, fn, ctx, *args).
+
+    Stages pass file paths, not data, so results need no persistence; caching is per stage.
+    """
+    def wrapper(ctx: RunContext, *args, **kwargs):
+        return run_stage(name, fn, ctx, *args, **kwargs)
+
+    # Not functools.wraps: Prefect would read fn's signature (no ctx) through __wrapped__.
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+
+    task_kwargs.setdefault("cache_policy", NO_CACHE)
+    return task(wrapper, name=name, **task_kwargs)
+
+
+def _artifact_root(state: Path) -> Path | None:
+    """Local tracking stores keep artifacts in the state dir; a tracking server decides for itself."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    return state / "mlartifacts" if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
+
+
+@contextlib.contextmanager
+def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterator[RunContext]:
+    """Open the flow's run directory and parent MLflow run (params = flattened resolved config)."""
+    import mlflow
+    import yaml
+
+    from sftflow.configs.schema import flatten
+
+    run_dir = state / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run_name}"
+    run_dir.mkdir(parents=True, exist_ok=False)  # a run never writes into another run's folder
+    root = _artifact_root(state)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
+        cfg.tracking.experiment, artifact_location=(root / cfg.tracking.experiment).as_uri() if root else None)
+    tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
+            "sftflow.config_hash": cfg.digest(), "sftflow.run_dir": str(run_dir)}
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{flow_run_name}", tags=tags) as run:
+        mlflow.log_params(flatten(cfg))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        mlflow.log_artifact(str(run_dir / "config.yaml"))
+        yield RunContext(run_dir=str(run_dir), parent_run_id=run.info.run_id, experiment_id=exp_id)
