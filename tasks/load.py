@@ -132,7 +132,7 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.resolve())
 
 
-def _convert(row: object, fmt_name: str, where: str) -> tuple[list[dict], str | None, str]:
+def _convert(row: object, fmt_name: str) -> tuple[list[dict], str | None, str]:
     if not isinstance(row, dict):
         raise ValueError("row is not a JSON object")
     if fmt_name == "auto":
@@ -143,7 +143,7 @@ def _convert(row: object, fmt_name: str, where: str) -> tuple[list[dict], str | 
     return messages, (None if label is None else str(label)), fmt_name
 
 
-def load_source(source: Source, root: Path) -> tuple[list[dict], list[dict], int]:
+def load_source(source: Source, root: Path, seed: int = 0) -> tuple[list[dict], list[dict], int]:
     """-> (records, rejects, rows available before subsampling)."""
     if source.hub:
         name = source.name or source.hub
@@ -156,14 +156,14 @@ def load_source(source: Source, root: Path) -> tuple[list[dict], list[dict], int
     raw = [(file, idx, row) for file, rows in streams for idx, row in rows]
     available = len(raw)
     if source.max_records and available > source.max_records:
-        rng = random.Random(f"{name}:{source.max_records}")
+        rng = random.Random(f"{seed}:{name}:{source.max_records}")
         raw = sorted(rng.sample(raw, source.max_records), key=lambda t: (t[0], t[1]))
 
     records, rejects = [], []
     for file, idx, row in raw:
         base = {"id": record_id(name, file, idx), "source": name, "file": file, "index": idx}
         try:
-            messages, label, fmt = _convert(row, source.format, f"{file}:{idx}")
+            messages, label, fmt = _convert(row, source.format)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             rejects.append(reject({**base, "raw": row}, "load", f"malformed: {exc}"))
             continue
@@ -182,7 +182,7 @@ def load(cfg: DataConfig, out_dir: Path) -> dict:
     root = Path(cfg.root)
     records, rejects, per_source = [], [], {}
     for source in cfg.sources:
-        recs, rejs, available = load_source(source, root)
+        recs, rejs, available = load_source(source, root, cfg.seed)
         name = recs[0]["source"]
         per_source[name] = {"available": available, "loaded": len(recs), "rejected": len(rejs)}
         records += recs

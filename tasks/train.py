@@ -121,6 +121,9 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
     save_dir = out_dir / kind
     trainer.save_model(str(save_dir))  # safetensors: adapter_model.safetensors or model.safetensors
     tok.save_pretrained(str(save_dir))  # with the chat template the eval stage generates with
+    # The Trainer also pickles its arguments there; keep outputs pickle-free and readable instead.
+    (save_dir / "training_args.bin").unlink(missing_ok=True)
+    (save_dir / "training_args.json").write_text(trainer.args.to_json_string())
 
     history = trainer.state.log_history
     (out_dir / "log_history.json").write_text(json.dumps(history, indent=2))

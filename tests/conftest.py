@@ -1,0 +1,52 @@
+"""Test environment: a throwaway state dir (Prefect home, MLflow SQLite, models), offline mode on.
+
+Set before anything imports prefect/mlflow/transformers, which read these variables at import time.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ["SFTFLOW_HOME"] = tempfile.mkdtemp(prefix="sftflow-test-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_HOME", None)
+
+from sftflow import env  # noqa: E402
+
+env.configure(offline=True)
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    assert SHARED_DATA.is_dir(), f"tests need the shared data folder beside the repo: {SHARED_DATA}"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """A tiny random Llama + byte-level BPE tokenizer with a ChatML template, built once per session."""
+    from sftflow.models import pull
+
+    return str(pull("tiny-random-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from sftflow.models import load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+def chat(user: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def make_record(i: int, user: str, answer: str, label: str | None = None, source: str = "src") -> dict:
+    return {"id": f"r{i:04d}", "messages": chat(user, answer), "label": label, "source": source,
+            "file": "f.jsonl", "index": i + 1, "meta": {}}

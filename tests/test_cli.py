@@ -1,0 +1,25 @@
+import pytest
+from typer.testing import CliRunner
+
+from sftflow.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args", [[], ["run"], ["config"], ["model"], ["model", "pull"], ["model", "list"]])
+def test_every_command_explains_itself(args):
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and len(result.output.splitlines()) > 5
+
+
+def test_config_prints_the_resolved_config_and_rejects_bad_fields():
+    ok = runner.invoke(app, ["config", "configs/smoke.yaml", "--set", "train.lora.r=12"])
+    assert ok.exit_code == 0 and "r: 12" in ok.output and "config hash" in ok.output
+    bad = runner.invoke(app, ["config", "configs/smoke.yaml", "--set", "split.seed=abc"])
+    assert bad.exit_code == 2 and "split.seed" in bad.output and "'abc'" in bad.output
+
+
+def test_model_list_names_the_registry():
+    result = runner.invoke(app, ["model", "list"])
+    assert result.exit_code == 0 and "smollm2-135m-instruct" in result.output and "tiny-random-llama" in result.output

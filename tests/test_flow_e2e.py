@@ -1,0 +1,84 @@
+"""The smoke config through the real Prefect flow (ephemeral server) and MLflow (SQLite), end to end."""
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sftflow.configs.schema import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = {"load", "curate", "split", "model", "template", "train", "heldout", "benchmarks", "report"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(data_root):
+    from sftflow.flows.sft_pipeline import sft_pipeline
+
+    cfg = load_config(REPO / "configs/smoke.yaml", [f"data.root={data_root}"])
+    state = sft_pipeline(config=cfg, return_state=True)
+    assert state.is_completed(), state
+    return cfg, state.result(), state.state_details.flow_run_id
+
+
+@pytest.mark.e2e
+def test_mlflow_records_a_parent_run_with_a_child_per_stage(smoke_run):
+    cfg, result, flow_run_id = smoke_run
+    client = MlflowClient()
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == str(flow_run_id)
+    assert parent.data.params["train.method"] == "lora" and parent.data.params["model.base"] == "tiny-random-llama"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.info.run_name for c in children} == STAGES
+    for name in ("eval/base/mmlu/acc", "eval/ft/bbh/exact_match", "forgetting/mmlu/delta", "heldout/ft/exact_match",
+                 "train/final_loss", "curate/kept", "split/train", "load/records", "template/train/trained_share"):
+        assert name in parent.data.metrics, name
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["config.yaml"]
+    by_name = {c.info.run_name: c for c in children}
+    expected = {"split": "manifest.json", "curate": "curation_counts.json", "train": "training_curves.png",
+                "benchmarks": "benchmarks.json", "report": "summary.json"}
+    for stage, artifact in expected.items():
+        assert artifact in {a.path for a in client.list_artifacts(by_name[stage].info.run_id)}, stage
+    adapter = {a.path for a in client.list_artifacts(by_name["train"].info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in adapter
+    assert len(client.get_metric_history(by_name["train"].info.run_id, "train/loss")) >= 2
+
+
+@pytest.mark.e2e
+def test_counts_add_up_and_summary_covers_every_measure(smoke_run):
+    _, result, _ = smoke_run
+    m = MlflowClient().get_run(result["mlflow_run_id"]).data.metrics
+    assert m["load/records"] == m["curate/kept"] + m["curate/rejected"] == 80
+    assert m["curate/kept"] == m["split/train"] + m["split/val"] + m["split/test"]
+    assert m["template/train/records"] + m["template/val/records"] + m["template/rejected"] == \
+        m["split/train"] + m["split/val"]
+    assert {r["measure"] for r in result["rows"]} == {"held-out exact_match", "held-out label_acc", "mmlu acc",
+                                                      "bbh exact_match"}
+    assert Path(result["run_dir"], "report", "summary.md").exists()
+
+
+@pytest.mark.e2e
+def test_prefect_knows_the_run_and_its_mlflow_link(smoke_run):
+    from prefect import get_client
+
+    _, result, flow_run_id = smoke_run
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        artifacts = client.read_artifacts()
+    assert run.state.is_completed()
+    summary = [a for a in artifacts if a.key == "sftflow-summary" and a.flow_run_id == flow_run_id]
+    assert summary and result["mlflow_run_id"] in summary[0].data
+
+
+@pytest.mark.e2e
+def test_each_flow_run_gets_its_own_directory(smoke_run, data_root):
+    from sftflow.flows.sft_pipeline import sft_pipeline
+
+    cfg, first, _ = smoke_run
+    cheap = cfg.model_copy(deep=True)
+    cheap.eval.mmlu.enabled = cheap.eval.bbh.enabled = False
+    second = sft_pipeline(config=cheap)
+    assert second["run_dir"] != first["run_dir"] and Path(first["run_dir"], "train", "adapter").exists()
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
