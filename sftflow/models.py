@@ -79,6 +79,7 @@ def convert_gguf(gguf: Path, dest: Path, model_max_length: int, source: dict) ->
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True))
     tok.model_max_length = model_max_length  # the GGUF tokenizer claims ~1e30
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
