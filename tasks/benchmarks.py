@@ -2,7 +2,8 @@
 
 Offline mirrors: each task YAML `include`s lm-eval's own stock YAML (mmlu/default, bbh/fewshot) and
 overrides only where the rows come from, so prompts, choices, few-shot examples and metrics are
-lm-eval's. Rows are converted from the original files with a seeded per-subtask sample.
+lm-eval's. One scoring change, for BBH: the generation is whitespace-stripped before exact match.
+Rows are converted from the original files with a seeded per-subtask sample.
 """
 
 from __future__ import annotations
@@ -54,11 +55,18 @@ class Benchmark:
     rows: Callable[[Path, str, str], list[dict]]
     stock_yaml: str  # under lm_eval/tasks, {sub} = subtask
     extra_splits: tuple[str, ...] = ()  # copied whole (few-shot source), in file order
+    scoring: dict | None = None  # YAML keys added to the stock task; prompts are never touched
+
+
+# Stock bbh_fewshot compares the raw generation, so " True" never matches "True" and most models score
+# 0 (lm-evaluation-harness PR #2502). Score the stripped generation with lm-eval's own filter instead.
+_STRIPPED = {"filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
+                                                          {"function": "take_first"}]}]}
 
 
 BENCHMARKS: dict[str, Benchmark] = {
     "mmlu": Benchmark("mmlu", "acc", _mmlu_subtasks, _mmlu_rows, "mmlu/default/mmlu_{sub}.yaml", ("dev",)),
-    "bbh": Benchmark("bbh", "exact_match", _bbh_subtasks, _bbh_rows, "bbh/fewshot/{sub}.yaml"),
+    "bbh": Benchmark("bbh", "exact_match", _bbh_subtasks, _bbh_rows, "bbh/fewshot/{sub}.yaml", scoring=_STRIPPED),
 }
 
 
@@ -93,7 +101,7 @@ def build_mirror(name: str, cfg: BenchmarkConfig, data_root: Path, seed: int, ou
         spec = {"include": str(stock / bench.stock_yaml.format(sub=sub)), "task": task, "tag": f"sftflow_{name}",
                 "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {k: str(v) for k, v in files.items()}},
-                "num_fewshot": cfg.num_fewshot}
+                "num_fewshot": cfg.num_fewshot, **(bench.scoring or {})}
         (out_dir / name / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         names.append(task)
     return names

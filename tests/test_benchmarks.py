@@ -37,3 +37,12 @@ def test_real_lm_eval_sweep_on_tiny_model(tmp_path, data_root, tiny_model):
     items = list(read_jsonl(tmp_path / "items_base.jsonl"))
     assert {(i["benchmark"], i["task"]) for i in items} == {("mmlu", "anatomy"), ("mmlu", "virology"), ("bbh", "navigate")}
     assert json.loads((tmp_path / "benchmarks.json").read_text()) == m
+
+
+def test_bbh_mirror_keeps_stock_prompts_and_scores_the_stripped_generation(tmp_path, data_root):
+    build_mirror("bbh", BenchmarkConfig(subtasks=["navigate"], limit=2, num_fewshot=3), data_root, 0, tmp_path)
+    spec = yaml.safe_load((tmp_path / "bbh" / "sftflow_bbh_navigate.yaml").read_text())
+    assert spec["include"] == str(stock_tasks_dir() / "bbh/fewshot/navigate.yaml")
+    assert not {"doc_to_text", "doc_to_target", "fewshot_config", "description"} & set(spec)  # stock prompts
+    steps = [f["function"] for f in spec["filter_list"][0]["filter"]]
+    assert steps == ["remove_whitespace", "take_first"]  # " True" must match "True" (lm-eval PR #2502)
