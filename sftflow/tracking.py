@@ -30,13 +30,13 @@ class RunContext(BaseModel):
         return path
 
 
-def ensure_experiment(name: str, artifact_root: Path) -> str:
+def ensure_experiment(name: str, artifact_root: Path | None) -> str:
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=(artifact_root / name).resolve().as_uri())
+    return mlflow.create_experiment(name, artifact_location=(artifact_root / name).as_uri() if artifact_root else None)
 
 
 def finite_metrics(metrics: dict) -> dict[str, float]:
@@ -50,14 +50,14 @@ def finite_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
-def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
+def log_artifacts(paths: list[str | Path]) -> None:
     import mlflow
 
     for p in map(Path, paths):
         if p.is_dir():
-            mlflow.log_artifacts(str(p), artifact_path=f"{artifact_path}/{p.name}" if artifact_path else p.name)
+            mlflow.log_artifacts(str(p), artifact_path=p.name)
         elif p.exists():
-            mlflow.log_artifact(str(p), artifact_path=artifact_path)
+            mlflow.log_artifact(str(p))
 
 
 def run_stage(name: str, fn: Callable, ctx: RunContext, *args, **kwargs) -> dict:
@@ -117,10 +117,7 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterat
 
     run_dir = state / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run_name}"
     run_dir.mkdir(parents=True, exist_ok=False)  # a run never writes into another run's folder
-    root = _artifact_root(state)
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
-        cfg.tracking.experiment, artifact_location=(root / cfg.tracking.experiment).as_uri() if root else None)
+    exp_id = ensure_experiment(cfg.tracking.experiment, _artifact_root(state))
     tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
             "sftflow.config_hash": cfg.digest(), "sftflow.run_dir": str(run_dir)}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{flow_run_name}", tags=tags) as run:
