@@ -19,15 +19,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+FORMAT_NAMES = Literal["auto", "messages", "sharegpt", "alpaca", "dolly", "prompt_completion", "superni"]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class Source(Section):
-    """One input: a local file/glob (relative to data.root) or a hub dataset id (online only)."""
+    """One input: a local file/glob (relative to data.root) or a hub dataset id (online only).
+
+    Files: .jsonl, .json (list of rows or a Super-NaturalInstructions task), .csv, .parquet."""
 
     path: str | None = None
     hub: str | None = None
     split: str = "train"
-    format: Literal["auto", "messages", "prompt_completion", "superni"] = "auto"
+    format: FORMAT_NAMES = "auto"
     name: str | None = Field(None, description="defaults to the file stem or hub id")
     max_records: Positive | None = Field(None, description="seeded subsample of at most this many")
+    weight: float | None = Field(None, gt=0.0, le=1.0, description="seeded subsample of this share of the rows")
 
     @model_validator(mode="after")
     def _one_location(self) -> "Source":
@@ -42,11 +49,65 @@ class DataConfig(Section):
     seed: int = 0
 
 
+class PreflightConfig(Section):
+    """Pre-flight check (schema, role order, empty turns, token counts with the base model's chat template)."""
+
+    count_tokens: bool = Field(True, description="token counts with the base model's tokenizer and chat template")
+    max_error_share: Share = Field(0.05, description="fail the run when more records than this share are invalid")
+
+
+class NearDedupConfig(Section):
+    """MinHash LSH over word shingles (tasks/dedup/minhash.py)."""
+
+    enabled: bool = True
+    shingle: Positive = Field(3, description="words per shingle")
+    num_perm: Positive = 128
+    threshold: float = Field(0.8, gt=0.0, lt=1.0, description="estimated Jaccard similarity that makes a duplicate")
+    remove: bool = Field(True, description="drop all but the keeper of each cluster; false: keep them, "
+                                           "and the split still keeps each cluster in one split")
+    boilerplate_share: Share = Field(0.01, description="shingles in more than this share of records (shared "
+                                                       "instructions, templates) are ignored ...")
+    boilerplate_min: Positive = Field(20, description="... once they are in more than this many records")
+    seed: int = 1
+
+
 class CurateConfig(Section):
-    exact_dedup: bool = True
+    preflight: PreflightConfig = PreflightConfig()
     min_chars: int = Field(1, ge=0, description="every turn must have at least this many characters")
     max_chars: Positive = 20_000
+    min_tokens: int = Field(0, ge=0, description="templated tokens per record (needs preflight.count_tokens)")
+    max_tokens: Positive | None = None
+    max_repetition: Share = Field(0.5, description="largest allowed share of repeated word 3-grams in a turn")
+    max_garbled: Share = Field(0.05, description="largest allowed share of control/replacement characters")
+    reject_patterns: list[str] = Field(
+        default_factory=lambda: [r"\bas an ai (language )?model\b", r"\bi(?: am|'m) sorry,? but i can(?:no|')t\b",
+                                 r"\bi cannot (?:help|assist) with\b", r"lorem ipsum"],
+        description="regexes (case-insensitive) for refusals and boilerplate in assistant turns")
     allowed_labels: list[str] | None = None
+    exact_dedup: bool = True
+    near_dedup: NearDedupConfig = NearDedupConfig()
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> "CurateConfig":
+        import re
+
+        for p in self.reject_patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"reject_patterns: {p!r} is not a valid regex: {exc}") from None
+        return self
+
+
+class DecontamConfig(Section):
+    """Word n-gram overlap against the run's benchmarks (MMLU, BBH) and its own test split."""
+
+    enabled: bool = True
+    ngram: Positive = Field(13, description="words per n-gram")
+    min_words: Positive = Field(6, description="items shorter than `ngram` words must appear whole; shorter "
+                                                "than this they are too generic to count and are skipped")
+    boilerplate_df: Positive = Field(5, description="n-grams shared by more than this many reference items "
+                                                    "(instructions, prompts) are not evidence of a leak")
 
 
 class SplitConfig(Section):
@@ -54,6 +115,9 @@ class SplitConfig(Section):
     test_ratio: Ratio = 0.1
     seed: int = 0
     stratify: bool = True
+    group_key: str | None = Field(None, description="record field or meta.KEY whose equal values stay in one "
+                                                    "split (e.g. source, meta.conversation_id)")
+    decontam: DecontamConfig = DecontamConfig()
 
 
 class ModelConfig(Section):

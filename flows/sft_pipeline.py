@@ -1,4 +1,4 @@
-"""The SFT recipe: load -> curate -> split -> model -> template -> train -> evaluate -> report.
+"""The SFT recipe: model -> load -> curate -> split -> template -> train -> evaluate -> report.
 
 Each step is a Prefect task wrapping a plain function in tasks/; each runs in its own child MLflow
 run under one parent run per flow run, and writes into this flow run's own directory.
@@ -15,6 +15,7 @@ from sftflow import env
 from sftflow.configs.schema import PipelineConfig
 from sftflow.tasks.benchmarks import benchmarks_task
 from sftflow.tasks.curate import curate_task
+from sftflow.tasks.decontam import targets as decontam_targets
 from sftflow.tasks.heldout import heldout_task
 from sftflow.tasks.load import load_task
 from sftflow.tasks.model import model_task
@@ -25,18 +26,43 @@ from sftflow.tasks.train import train_task
 from sftflow.tracking import parent_run
 
 
+def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> dict:
+    """load -> curate (pre-flight, filters, exact + near dedup) -> split (grouped, decontaminated)."""
+    loaded = load_task(ctx, config.data)
+    curated = curate_task(ctx, loaded["records"], config.curate, tokenizer=tokenizer,
+                          max_length=config.template.max_length, system_prompt=config.template.system_prompt,
+                          load_rejected=loaded["ledger"]["rejected"])
+    splits = split_task(ctx, curated["records"], config.split, upstream={"load": loaded["ledger"],
+                                                                         "curate": curated["ledger"]},
+                        benchmarks=decontam_targets(config.eval), data_root=config.data.root)
+    create_markdown_artifact(key="sftflow-curation", markdown=splits["report_md"],
+                             description="data curation report: accounting, rejects, duplicates, contamination")
+    return splits
+
+
+@flow(name="sftflow-curate")
+def curate_pipeline(config: PipelineConfig) -> dict:
+    """Only the data stage (and the base model's tokenizer for the pre-flight token counts)."""
+    state = env.configure(config.offline)
+    with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
+        base = model_task(ctx, config.model, config.offline)
+        splits = prepare_data(ctx, config, base["path"])
+    return {"mlflow_run_id": ctx.parent_run_id, "run_dir": ctx.run_dir, "report_md": splits["report_md"],
+            "paths": splits["paths"]}
+
+
 @flow(name="sft-pipeline")
 def sft_pipeline(config: PipelineConfig) -> dict:
     state = env.configure(config.offline)
     trust = config.model.trust_remote_code
     with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
-        # 1-3. data: every record loaded, curated and split, with counts and manifests
-        loaded = load_task(ctx, config.data)
-        curated = curate_task(ctx, loaded["records"], config.curate)
-        splits = split_task(ctx, curated["records"], config.split)
-
-        # 4-5. the model: resolve the base, render with its chat template, fine-tune
+        # 1. the base model first: the data pre-flight counts tokens with its tokenizer and chat template
         base = model_task(ctx, config.model, config.offline)
+
+        # 2-3. data: every record loaded, checked, filtered, deduplicated, split and decontaminated
+        splits = prepare_data(ctx, config, base["path"])
+
+        # 4-5. render with the base model's chat template, fine-tune
         tokens = template_task(ctx, splits["paths"], base["path"], config.template, trust_remote_code=trust)
         trained = train_task(ctx, tokens["paths"], base["path"], config.train, trust_remote_code=trust)
 

@@ -68,6 +68,28 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
                   f"  Prefect: PREFECT_HOME={state / 'prefect'} prefect server start --host 127.0.0.1")
 
 
+@app.command()
+def curate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Run only the data stage (load, pre-flight, filters, dedup, split, decontamination); print its report."""
+    from rich.markdown import Markdown
+
+    from sftflow import env
+
+    cfg = _load(config, set_)
+    env.configure(cfg.offline)
+    from sftflow.flows.sft_pipeline import curate_pipeline
+    from sftflow.models import ModelError
+    from sftflow.tasks.load import DataError
+
+    try:
+        result = curate_pipeline(config=cfg)
+    except (DataError, ModelError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]sftflow curate failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(Markdown(result["report_md"]))
+    console.print(f"splits: {', '.join(result['paths'].values())}\nMLflow run {result['mlflow_run_id']}")
+
+
 @app.command("config")
 def show_config(config: ConfigArg, set_: SetOpt = None) -> None:
     """Validate a config with its overrides and print the resolved result."""

@@ -1,77 +1,113 @@
-"""Stage 2: quality filters and exact deduplication, every record accounted for.
+"""Stage 2: pre-flight check, quality filters, exact and near dedup; every record accounted for.
 
-records in = kept + rejected (one row per record in curate_rejects.jsonl, with the rule that fired).
+records in = kept + rejected (pre-flight and filters) + exact duplicates + near duplicates, asserted.
+Each removed record is one row of curate_rejects.jsonl with the rule that fired and its provenance;
+duplicates name their keeper. Cached by the content of the input and tokenizer and the config.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-import unicodedata
 from collections import Counter
 from pathlib import Path
 
+from sftflow import cache
 from sftflow.configs.schema import CurateConfig
 from sftflow.records import read_jsonl, reject, write_jsonl
+from sftflow.tasks.dedup import exact, minhash
+from sftflow.tasks.filters import filter_reason
+from sftflow.tasks.preflight import preflight, tokenizer_files
+from sftflow.tasks.stagecache import cached
 from sftflow.tracking import stage_task
 
-_SPACE = re.compile(r"\s+")
+REMOVED = ("rejected", "exact_dup", "near_dup")
 
 
-def normalise(text: str) -> str:
-    """Case-, width- and whitespace-insensitive form used for exact dedup."""
-    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip().casefold()
+def dedup_text(record: dict) -> str:
+    """What near dedup compares: the conversation without its system prompt."""
+    return "\n".join(m["content"] for m in record["messages"] if m["role"] != "system")
 
 
-def content_key(record: dict) -> str:
-    turns = [[m["role"], normalise(m["content"])] for m in record["messages"]]
-    return hashlib.sha256(json.dumps(turns).encode()).hexdigest()
+def cluster_report(records: list[dict], near: minhash.NearDuplicates, examples: int = 20) -> dict:
+    sizes = Counter(len(c) for c in near.clusters)
+    return {**near.stats, "size_histogram": {str(k): v for k, v in sorted(sizes.items())},
+            "largest": [{"keeper": min(records[i]["id"] for i in c), "size": len(c),
+                         "members": [{"id": records[i]["id"], "source": records[i]["source"],
+                                      "file": records[i]["file"], "index": records[i]["index"],
+                                      "text": dedup_text(records[i])[:300]} for i in c[:3]]}
+                        for c in near.clusters[:examples]]}
 
 
-def filter_reason(record: dict, cfg: CurateConfig) -> str | None:
-    """The first quality rule a record breaks, or None."""
-    msgs = record["messages"]
-    if msgs[-1]["role"] != "assistant":
-        return "no_final_assistant_turn"
-    if any(len(m["content"].strip()) < max(cfg.min_chars, 1) for m in msgs):
-        return "turn_too_short"
-    if sum(len(m["content"]) for m in msgs) > cfg.max_chars:
-        return "too_long"
-    if cfg.allowed_labels is not None and record.get("label") not in cfg.allowed_labels:
-        return "label_not_allowed"
-    return None
+def _curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str | None, max_length: int,
+            system_prompt: str | None, load_rejected: int) -> dict:
+    records = list(read_jsonl(Path(records_path)))
+    errors, tokens, pre_report = preflight(records, cfg.preflight, tokenizer, max_length, system_prompt, load_rejected)
+    reasons: dict[str, str] = {}  # id -> why it goes
+    duplicate_of: dict[str, str] = {}
+    for r in records:
+        why = f"preflight:{errors[r['id']]}" if r["id"] in errors else filter_reason(r, cfg, tokens.get(r["id"]))
+        if why:
+            reasons[r["id"]] = why
+    survivors = [r for r in records if r["id"] not in reasons]
+    if cfg.exact_dedup:
+        for dup, keep in exact.duplicates(survivors).items():
+            reasons[dup], duplicate_of[dup] = "exact_duplicate", keep
+        survivors = [r for r in survivors if r["id"] not in reasons]
+    clusters = None
+    cluster_of: dict[str, str] = {}
+    if cfg.near_dedup.enabled and survivors:
+        near = minhash.near_duplicates([dedup_text(r) for r in survivors], [r["id"] for r in survivors], cfg.near_dedup)
+        clusters = cluster_report(survivors, near)
+        for c in near.clusters:
+            keep = min(survivors[i]["id"] for i in c)
+            cluster_of.update({survivors[i]["id"]: keep for i in c})
+        if cfg.near_dedup.remove:
+            for dup, keep in near.keeper.items():
+                reasons[dup], duplicate_of[dup] = "near_duplicate", keep
 
-
-def curate(records_path: str, cfg: CurateConfig, out_dir: Path) -> dict:
-    kept, rejects, first_seen = [], [], {}
-    reasons: Counter[str] = Counter()
-    n_in = 0
-    for record in read_jsonl(Path(records_path)):
-        n_in += 1
-        reason = filter_reason(record, cfg)
-        if reason is None and cfg.exact_dedup:
-            key = content_key(record)
-            if key in first_seen:
-                reason = "exact_duplicate"
-                record = {**record, "meta": {**record["meta"], "duplicate_of": first_seen[key]}}
-            else:
-                first_seen[key] = record["id"]
-        if reason:
-            reasons[reason] += 1
-            rejects.append(reject(record, "curate", reason))
+    kept, rejects = [], []
+    for r in records:
+        meta = {**r["meta"], **({"near_dup_cluster": cluster_of[r["id"]]} if r["id"] in cluster_of else {}),
+                **({"duplicate_of": duplicate_of[r["id"]]} if r["id"] in duplicate_of else {}),
+                **({"tokens": tokens[r["id"]]} if r["id"] in tokens else {})}
+        r = {**r, "meta": meta}
+        if r["id"] in reasons:
+            rejects.append(reject(r, "curate", reasons[r["id"]]))
         else:
-            kept.append(record)
-    assert n_in == len(kept) + len(rejects), "curation accounting does not add up"
+            kept.append(r)
+    by_reason = Counter(reasons.values())
+    counts = {"records_in": len(records), "kept": len(kept),
+              "exact_dup": by_reason["exact_duplicate"], "near_dup": by_reason["near_duplicate"]}
+    counts["rejected"] = len(reasons) - counts["exact_dup"] - counts["near_dup"]
+    counts["by_reason"] = dict(sorted(by_reason.items()))
+    assert counts["records_in"] == counts["kept"] + sum(counts[k] for k in REMOVED), f"accounting: {counts}"
 
     write_jsonl(out_dir / "curated.jsonl", kept)
     write_jsonl(out_dir / "curate_rejects.jsonl", rejects)
-    counts = {"records_in": n_in, "kept": len(kept), "rejected": len(rejects), "by_reason": dict(reasons)}
     (out_dir / "curation_counts.json").write_text(json.dumps(counts, indent=2))
-    metrics = {"curate/records_in": n_in, "curate/kept": len(kept), "curate/rejected": len(rejects)}
-    metrics.update({f"curate/rejected/{r}": c for r, c in reasons.items()})
+    (out_dir / "preflight.json").write_text(json.dumps(pre_report, indent=2))
+    (out_dir / "near_dup_clusters.json").write_text(json.dumps(clusters, indent=2, ensure_ascii=False))
+    metrics = {"curate/records_in": len(records), **{f"curate/{k}": counts[k] for k in ("kept", *REMOVED)},
+               **{f"curate/removed/{r.replace(':', '/')}": c for r, c in by_reason.items()},
+               "preflight/error_share": pre_report["error_share"]}
+    if "tokens" in pre_report:
+        metrics.update({"preflight/tokens_total": pre_report["tokens"]["total"],
+                        "preflight/over_max_length_share": pre_report["tokens"]["over_max_length_share"]})
+    if clusters:
+        metrics.update({"near_dedup/clusters": clusters["clusters"], "near_dedup/clustered": clusters["clustered_records"]})
     return {"records": str(out_dir / "curated.jsonl"), "counts": counts, "metrics": metrics,
-            "artifacts": [out_dir / "curation_counts.json", out_dir / "curate_rejects.jsonl"]}
+            "ledger": {**counts, "preflight": pre_report, "near_dedup": clusters},
+            "artifacts": [out_dir / n for n in ("curation_counts.json", "preflight.json", "near_dup_clusters.json",
+                                                "curate_rejects.jsonl")]}
+
+
+def curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str | None = None, max_length: int = 512,
+           system_prompt: str | None = None, load_rejected: int = 0) -> dict:
+    """Curate `records_path` (load's records.jsonl); `tokenizer` (the base model's folder) enables token counts."""
+    key = cache.key("curate-v1", Path(records_path), cfg, tokenizer_files(tokenizer), max_length, system_prompt,
+                    load_rejected)
+    return cached("curate", key, out_dir, lambda d: _curate(records_path, cfg, d, tokenizer, max_length,
+                                                            system_prompt, load_rejected))
 
 
 curate_task = stage_task(curate, "curate")

@@ -6,6 +6,7 @@ A raw row that fits no format is rejected with its file and line, never dropped 
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import random
@@ -13,10 +14,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftflow.tracking import stage_task
-
+from sftflow import cache
 from sftflow.configs.schema import DataConfig, Source
 from sftflow.records import ROLES, record_id, reject, write_jsonl
+from sftflow.tasks.stagecache import cached
+from sftflow.tracking import stage_task
 
 
 class DataError(ValueError):
@@ -29,16 +31,54 @@ class Format:
     convert: Callable[[dict], tuple[list[dict], str | None]]  # -> (messages, label)
 
 
+def _turn(role: object, content: object, where: str) -> dict:
+    if role not in ROLES or not isinstance(content, str):
+        raise ValueError(f"{where} needs role in {ROLES} and string content (got role {role!r})")
+    return {"role": role, "content": content}
+
+
+def _listed(value: object, key: str) -> list:
+    if isinstance(value, str):  # CSV cells hold JSON text
+        value = json.loads(value)
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"'{key}' must be a non-empty list")
+    return value
+
+
 def _messages(row: dict) -> tuple[list[dict], str | None]:
-    msgs = row["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError("'messages' must be a non-empty list")
+    msgs = _listed(row["messages"], "messages")
+    turns = [m if isinstance(m, dict) else {} for m in msgs]
+    return [_turn(m.get("role"), m.get("content"), f"messages[{i}]") for i, m in enumerate(turns)], row.get("label")
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"}
+
+
+def _sharegpt(row: dict) -> tuple[list[dict], str | None]:
+    turns = _listed(row["conversations"], "conversations")
     out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}] needs role in {ROLES} and string content")
-        out.append({"role": m["role"], "content": m["content"]})
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise ValueError(f"conversations[{i}] is not an object")
+        out.append(_turn(SHAREGPT_ROLES.get(str(t.get("from", "")).lower()), t.get("value"), f"conversations[{i}]"))
     return out, row.get("label")
+
+
+def _instruction(instruction: object, context: object, answer: object) -> list[dict]:
+    if not isinstance(instruction, str) or not isinstance(answer, str):
+        raise ValueError("instruction and answer must be strings")
+    context = context if isinstance(context, str) else ""
+    user = f"{instruction.strip()}\n\n{context.strip()}" if context.strip() else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def _alpaca(row: dict) -> tuple[list[dict], str | None]:
+    return _instruction(row["instruction"], row.get("input"), row["output"]), row.get("label")
+
+
+def _dolly(row: dict) -> tuple[list[dict], str | None]:
+    return _instruction(row["instruction"], row.get("context"), row["response"]), row.get("label")
 
 
 def _prompt_completion(row: dict) -> tuple[list[dict], str | None]:
@@ -55,11 +95,17 @@ def _superni(row: dict) -> tuple[list[dict], str | None]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], answer
 
 
+# Auto-detection tries these in order: the first whose keys fit wins.
 FORMATS: dict[str, Format] = {
     "messages": Format(lambda r: "messages" in r, _messages),
-    "prompt_completion": Format(lambda r: "prompt" in r and "completion" in r, _prompt_completion),
+    "sharegpt": Format(lambda r: "conversations" in r, _sharegpt),
     "superni": Format(lambda r: "definition" in r and "output" in r and "input" in r, _superni),
+    "dolly": Format(lambda r: "instruction" in r and "response" in r, _dolly),
+    "alpaca": Format(lambda r: "instruction" in r and "output" in r, _alpaca),
+    "prompt_completion": Format(lambda r: "prompt" in r and "completion" in r, _prompt_completion),
 }
+# Row fields kept in meta (used by the split for stratification and grouping).
+META_FIELDS = ("category", "native_id", "conversation_id", "group")
 
 
 def _is_superni_task(obj: object) -> bool:
@@ -73,30 +119,61 @@ def _read_superni(task: dict) -> Iterator[tuple[int, dict]]:
                   "native_id": inst.get("id")}
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(index, raw row) for JSONL (1-based line) and JSON (0-based item) files."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-    elif path.suffix == ".json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        if _is_superni_task(obj):
-            yield from _read_superni(obj)
-        elif isinstance(obj, list):
-            yield from enumerate(obj)
-        else:
-            raise DataError(f"{path}: expected a JSON list of records or a Super-NaturalInstructions task file")
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if _is_superni_task(obj):
+        yield from _read_superni(obj)
+    elif isinstance(obj, list):
+        yield from enumerate(obj)
     else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (expected .jsonl or .json)")
+        raise DataError(f"{path}: expected a JSON list of records or a Super-NaturalInstructions task file")
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        start = 2  # the line a row starts on (1-based; line 1 is the header)
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path}:{start}: more cells than header columns")
+            yield start, row
+            start = reader.line_num + 1
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for broken files
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+    yield from enumerate(table.to_pylist())
+
+
+READERS: dict[str, Callable[[Path], Iterator[tuple[int, dict]]]] = {
+    ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(index, raw row): JSONL and CSV give the 1-based line, JSON and Parquet the 0-based item."""
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r} (expected {', '.join(READERS)})")
+    yield from reader(path)
 
 
 def _files(source: Source, root: Path) -> list[Path]:
@@ -155,9 +232,10 @@ def load_source(source: Source, root: Path, seed: int = 0) -> tuple[list[dict], 
 
     raw = [(file, idx, row) for file, rows in streams for idx, row in rows]
     available = len(raw)
-    if source.max_records and available > source.max_records:
-        rng = random.Random(f"{seed}:{name}:{source.max_records}")
-        raw = sorted(rng.sample(raw, source.max_records), key=lambda t: (t[0], t[1]))
+    keep = min(source.max_records or available, round(available * (source.weight or 1.0)))
+    if keep < available:
+        rng = random.Random(f"{seed}:{name}:{keep}")
+        raw = sorted(rng.sample(raw, keep), key=lambda t: (t[0], t[1]))
 
     records, rejects = [], []
     for file, idx, row in raw:
@@ -167,9 +245,7 @@ def load_source(source: Source, root: Path, seed: int = 0) -> tuple[list[dict], 
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             rejects.append(reject({**base, "raw": row}, "load", f"malformed: {exc}"))
             continue
-        meta = {"format": fmt}
-        if isinstance(row, dict) and row.get("native_id"):
-            meta["native_id"] = row["native_id"]
+        meta = {"format": fmt, **{k: row[k] for k in META_FIELDS if row.get(k) not in (None, "")}}
         records.append({**base, "messages": messages, "label": label, "meta": meta})
     if not records:
         first = rejects[0]["reason"] if rejects else "no rows"
@@ -178,7 +254,16 @@ def load_source(source: Source, root: Path, seed: int = 0) -> tuple[list[dict], 
 
 
 def load(cfg: DataConfig, out_dir: Path) -> dict:
-    """Load every source; write records.jsonl and load_rejects.jsonl; return paths and counts."""
+    """Load every source; write records.jsonl and load_rejects.jsonl; return paths and counts.
+
+    Cached by the config and the content of every matched file (hub sources by id and split)."""
+    root = Path(cfg.root)
+    inputs = [s.hub or [(_relative(f, root), f) for f in _files(s, root)] for s in cfg.sources]
+    return cached("load", cache.key("load-v1", cfg.model_dump(exclude={"root"}), inputs), out_dir,
+                  lambda d: _load(cfg, d))
+
+
+def _load(cfg: DataConfig, out_dir: Path) -> dict:
     root = Path(cfg.root)
     records, rejects, per_source = [], [], {}
     for source in cfg.sources:
@@ -197,7 +282,8 @@ def load(cfg: DataConfig, out_dir: Path) -> dict:
     return {"records": str(out_dir / "records.jsonl"), "rejects": str(out_dir / "load_rejects.jsonl"),
             "metrics": {"load/records": len(records), "load/rejected": len(rejects),
                         "load/sources": len(per_source)},
-            "per_source": per_source, "artifacts": [out_dir / "sources.json", out_dir / "load_rejects.jsonl"]}
+            "ledger": {"rows": len(records) + len(rejects), "rejected": len(rejects), "per_source": per_source},
+            "artifacts": [out_dir / "sources.json", out_dir / "load_rejects.jsonl"]}
 
 
 load_task = stage_task(load, "load")

@@ -1,4 +1,12 @@
-"""Stage 3: seeded, reproducible train/val/test split (stratified by label), with id manifests."""
+"""Stage 3: leak-proof train/val/test split, decontamination, and the data stage's accounting and report.
+
+Records are split in groups: a near-duplicate cluster (from curate) and equal `group_key` values stay
+in one split; groups are shuffled with the seed within strata (source + label or category) and cut by
+the ratios, so the same input and seed give the same bytes. Then, in this order: records of any split
+that overlap an evaluated benchmark item, and train records that overlap the test split, are removed
+(the test split must exist before it can be checked against). records in = kept + rejected + exact
+dups + near dups + contaminated is asserted over the whole data stage.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +16,56 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from sftflow import cache
 from sftflow.configs.schema import SplitConfig
-from sftflow.records import read_jsonl, write_jsonl
+from sftflow.records import read_jsonl, reject, write_jsonl
+from sftflow.tasks import decontam
+from sftflow.tasks.datareport import markdown
+from sftflow.tasks.stagecache import cached
 from sftflow.tracking import stage_task
 
 SPLITS = ("train", "val", "test")
 
 
+def _field(record: dict, key: str):
+    return record["meta"].get(key.removeprefix("meta.")) if key.startswith("meta.") else record.get(key)
+
+
+def group_of(record: dict, cfg: SplitConfig) -> str:
+    """Records with equal group keys share a split: near-duplicate cluster, then `group_key`, else itself."""
+    if record["meta"].get("near_dup_cluster"):
+        return f"cluster:{record['meta']['near_dup_cluster']}"
+    if cfg.group_key and _field(record, cfg.group_key) is not None:
+        return f"group:{_field(record, cfg.group_key)}"
+    return f"id:{record['id']}"
+
+
+def stratum_of(record: dict, cfg: SplitConfig) -> str:
+    if not cfg.stratify:
+        return ""
+    return f"{record['source']}|{record.get('label') or record['meta'].get('category')}"
+
+
 def assign(records: list[dict], cfg: SplitConfig) -> dict[str, list[dict]]:
-    """Shuffle each stratum with the seed and cut it by the ratios; output keeps input order."""
-    strata: dict[str, list[int]] = defaultdict(list)
+    """Shuffle each stratum's groups with the seed, fill test then val up to their ratios; output keeps input order."""
+    groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
-        strata[f"{r['source']}|{r.get('label')}" if cfg.stratify else ""].append(i)
+        groups[group_of(r, cfg)].append(i)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for g, members in groups.items():  # a group's stratum is that of its first member
+        strata[stratum_of(records[members[0]], cfg)].append(g)
     which: dict[int, str] = {}
     for key in sorted(strata):
-        idx = strata[key]
-        random.Random(f"{cfg.seed}:{key}").shuffle(idx)
-        n_test, n_val = round(len(idx) * cfg.test_ratio), round(len(idx) * cfg.val_ratio)
-        for j, i in enumerate(idx):
-            which[i] = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+        gs = sorted(strata[key])
+        random.Random(f"{cfg.seed}:{key}").shuffle(gs)
+        size = sum(len(groups[g]) for g in gs)
+        want = {"test": round(size * cfg.test_ratio), "val": round(size * cfg.val_ratio)}
+        got = {"test": 0, "val": 0}
+        for g in gs:
+            name = next((s for s in ("test", "val") if got[s] < want[s]), "train")
+            if name != "train":
+                got[name] += len(groups[g])
+            which.update({i: name for i in groups[g]})
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for i, r in enumerate(records):
         out[which[i]].append(r)
@@ -38,9 +77,59 @@ def manifest(rows: list[dict]) -> dict:
     return {"count": len(rows), "sha256": hashlib.sha256(blob).hexdigest(), "ids": [r["id"] for r in rows]}
 
 
-def split(records_path: str, cfg: SplitConfig, out_dir: Path) -> dict:
+def decontaminate(parts: dict[str, list[dict]], cfg: SplitConfig, bench_targets: dict, data_root: Path | None):
+    """Remove records overlapping benchmark items (any split) and train records overlapping the test split."""
+    hits: dict[str, dict] = {}
+    report = {"benchmarks": sorted(bench_targets), "benchmark_items": 0, "short_items_skipped": 0}
+    if cfg.decontam.enabled and bench_targets and data_root is not None:
+        index = decontam.NgramIndex(decontam.benchmark_items(bench_targets, data_root), cfg.decontam)
+        report.update(benchmark_items=len({*index.ref.values()}), short_items_skipped=index.skipped)
+        everything = [r for s in SPLITS for r in parts[s]]
+        hits.update({k: {**v, "against": "benchmark"} for k, v in decontam.contaminated(everything, index).items()})
+    if cfg.decontam.enabled and parts["test"]:
+        index = decontam.NgramIndex([(r["id"], decontam.record_texts(r)) for r in parts["test"]], cfg.decontam,
+                                    corpus=[decontam.record_texts(r) for r in parts["train"]])
+        train = [r for r in parts["train"] if r["id"] not in hits]
+        hits.update({k: {**v, "against": "test_split"} for k, v in decontam.contaminated(train, index).items()})
+    rejects = [reject({**r, "meta": {**r["meta"], "contaminated_by": hits[r["id"]]}}, "split",
+                      f"contaminated:{hits[r['id']]['against']}") for s in SPLITS for r in parts[s] if r["id"] in hits]
+    clean = {s: [r for r in parts[s] if r["id"] not in hits] for s in SPLITS}
+    split_of = {r["id"]: s for s in SPLITS for r in parts[s]}
+    report.update(removed=len(hits), by_split={s: sum(split_of[k] == s for k in hits) for s in SPLITS},
+                  matches=[{"id": k, "split": split_of[k], **v} for k, v in sorted(hits.items())][:200])
+    return clean, rejects, report
+
+
+def account(upstream: dict, curated: int, parts: dict, contaminated: int) -> dict:
+    """The data stage's ledger; raises if any record is unaccounted for."""
+    c = upstream.get("curate", {})
+    ledger = {"records_in": upstream.get("load", {}).get("rows", curated), "kept": sum(len(p) for p in parts.values()),
+              "rejected": upstream.get("load", {}).get("rejected", 0) + c.get("rejected", 0),
+              "exact_dup": c.get("exact_dup", 0), "near_dup": c.get("near_dup", 0), "contaminated": contaminated}
+    total = ledger["kept"] + ledger["rejected"] + ledger["exact_dup"] + ledger["near_dup"] + ledger["contaminated"]
+    if upstream and total != ledger["records_in"]:
+        raise AssertionError(f"data accounting does not add up: {ledger} (sum {total})")
+    return ledger
+
+
+def log_datasets(paths: dict[str, Path]) -> None:
+    """Each split as an MLflow dataset input (name, digest, source) of the active run."""
+    import mlflow
+    import pandas as pd
+
+    if mlflow.active_run() is None:
+        return
+    for name, path in paths.items():
+        rows = [{"id": r["id"], "source": r["source"], "label": r.get("label"),
+                 "messages": json.dumps(r["messages"], ensure_ascii=False)} for r in read_jsonl(path)]
+        df = pd.DataFrame(rows, columns=["id", "source", "label", "messages"])
+        mlflow.log_input(mlflow.data.from_pandas(df, source=str(path), name=name), context=name)
+
+
+def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, bench_targets: dict,
+           data_root: Path | None) -> dict:
     records = list(read_jsonl(Path(records_path)))
-    parts = assign(records, cfg)
+    parts, rejects, contam = decontaminate(assign(records, cfg), cfg, bench_targets, data_root)
     if not parts["train"]:
         raise ValueError(f"the train split is empty ({len(records)} records after curation): add data")
     paths, manifests = {}, {}
@@ -48,10 +137,33 @@ def split(records_path: str, cfg: SplitConfig, out_dir: Path) -> dict:
         paths[name] = str(out_dir / f"{name}.jsonl")
         write_jsonl(out_dir / f"{name}.jsonl", parts[name])
         manifests[name] = manifest(parts[name])
+    write_jsonl(out_dir / "decontam_rejects.jsonl", rejects)
     (out_dir / "manifest.json").write_text(json.dumps(manifests, indent=2))
-    metrics = {f"split/{n}": len(parts[n]) for n in SPLITS}
-    return {"paths": paths, "metrics": metrics, "artifacts": [out_dir / "manifest.json"],
-            "digests": {n: m["sha256"] for n, m in manifests.items()}}
+    ledger = account(upstream, len(records), parts, len(rejects))
+    report = {"accounting": ledger, **upstream, "decontamination": contam,
+              "splits": {n: {"count": m["count"], "sha256": m["sha256"]} for n, m in manifests.items()}}
+    (out_dir / "curation_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (out_dir / "curation_report.md").write_text(markdown(report))
+    metrics = {**{f"split/{n}": len(parts[n]) for n in SPLITS}, "split/contaminated": len(rejects),
+               **{f"data/{k}": v for k, v in ledger.items()}}
+    return {"paths": paths, "metrics": metrics, "report_md": markdown(report),
+            "digests": {n: m["sha256"] for n, m in manifests.items()},
+            "artifacts": [out_dir / n for n in ("manifest.json", "curation_report.json", "curation_report.md",
+                                                "decontam_rejects.jsonl")]}
+
+
+def split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict | None = None,
+          benchmarks: dict | None = None, data_root: str | None = None) -> dict:
+    """Split curate's records; `upstream` = {"load": ..., "curate": ...} counts for the ledger and report;
+    `benchmarks` = {name: subtasks} to decontaminate against (see decontam.targets), read under `data_root`."""
+    upstream, benchmarks = upstream or {}, benchmarks or {}
+    root = Path(data_root) if data_root else None
+    files = decontam.benchmark_files(benchmarks, root) if root and cfg.decontam.enabled else []
+    key = cache.key("split-v1", Path(records_path), cfg, upstream, benchmarks,
+                    [(str(f.relative_to(root)), f) for f in files])
+    result = cached("split", key, out_dir, lambda d: _split(records_path, cfg, d, upstream, benchmarks, root))
+    log_datasets({n: Path(p) for n, p in result["paths"].items()})
+    return result
 
 
 split_task = stage_task(split, "split")

@@ -1,0 +1,56 @@
+"""The curation report as markdown (MLflow artifact, Prefect artifact, `sftflow curate` output)."""
+
+from __future__ import annotations
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}", *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
+def markdown(report: dict) -> str:
+    a = report["accounting"]
+    splits = report["splits"]
+    kept = ", ".join(f"{n} {s['count']}" for n, s in splits.items())
+    lines = ["## Data curation", "",
+             f"**{a['records_in']}** records in = **{a['kept']}** kept "
+             f"({kept}) + {a['rejected']} rejected + "
+             f"{a['exact_dup']} exact duplicates + {a['near_dup']} near duplicates + {a['contaminated']} contaminated", ""]
+    load = report.get("load", {})
+    if load.get("per_source"):
+        lines += ["### Sources", "", *_table(["source", "available", "loaded", "unreadable"],
+                                             [[k, v["available"], v["loaded"], v["rejected"]]
+                                              for k, v in load["per_source"].items()]), ""]
+    cur = report.get("curate", {})
+    pre = cur.get("preflight") or {}
+    if pre:
+        lines += ["### Pre-flight", "", f"error share {pre['error_share']:.2%} (limit {pre['max_error_share']:.0%}); "
+                  f"errors by rule: {pre['by_rule'] or 'none'}"]
+        if "tokens" in pre:
+            t = pre["tokens"]
+            lines += ["", f"templated tokens: total {t['total']}, mean {t['mean']:.1f}, median {t['p50']:.0f}, "
+                      f"p95 {t['p95']:.0f}, max {t['max']}; {t['over_max_length']} records "
+                      f"({t['over_max_length_share']:.1%}) longer than max_length {t['max_length']}"]
+        lines.append("")
+    if cur.get("by_reason"):
+        lines += ["### Removed by rule", "", *_table(["rule", "records"], sorted(cur["by_reason"].items())), ""]
+    near = cur.get("near_dedup") or {}
+    if near:
+        lines += ["### Near-duplicate clusters", "",
+                  f"{near['clusters']} clusters holding {near['clustered_records']} records (MinHash LSH, "
+                  f"{near['bands']} bands x {near['rows']} rows); sizes: {near['size_histogram'] or 'none'}", ""]
+        for c in near["largest"][:5]:
+            lines.append(f"- keeper `{c['keeper']}`, {c['size']} records: " +
+                         "; ".join(f"`{m['id']}` {m['text'][:80]!r}" for m in c["members"]))
+        lines.append("")
+    dec = report.get("decontamination") or {}
+    if dec:
+        lines += ["### Decontamination", "",
+                  f"{dec['benchmark_items']} benchmark items indexed ({', '.join(dec['benchmarks']) or 'none'}; "
+                  f"{dec['short_items_skipped']} texts too short to count); removed {dec['removed']} "
+                  f"(by split: {dec['by_split']})", ""]
+        lines += [f"- `{m['id']}` ({m['split']}) hit `{m['item']}` ({m['against']}): \"{m['ngram']}\""
+                  for m in dec["matches"][:10]]
+        lines.append("")
+    lines += ["### Splits", "", *_table(["split", "records", "sha256"],
+                                        [[n, s["count"], s["sha256"][:16]] for n, s in splits.items()])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,117 @@
+"""Decontamination: word n-gram overlap of training records with benchmark items and the test split.
+
+N-grams shared by more than `boilerplate_df` texts (task instructions, prompt stems) are template text,
+not a leak: they are cut out of each item first. What is left of an item counts by its n-grams of
+`ngram` words; a remainder shorter than that must appear whole, and one shorter than `min_words` is
+too generic to be evidence and is skipped (counted). Items come from the same local mirrors the eval
+stage reads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from sftflow.configs.schema import DecontamConfig, EvalConfig
+from sftflow.tasks.benchmarks import BENCHMARKS
+from sftflow.tasks.dedup.minhash import words
+
+# What text of a benchmark row a model would see: MMLU question and choices, BBH input.
+ITEM_TEXTS: dict[str, Callable[[dict], list[str]]] = {
+    "mmlu": lambda row: [row["question"], " ".join(row["choices"])],
+    "bbh": lambda row: [row["input"]],
+}
+
+
+def targets(eval_cfg: EvalConfig) -> dict[str, list[str] | str]:
+    """The benchmarks (and subtasks) this run evaluates on."""
+    return {name: getattr(eval_cfg, name).subtasks for name in ITEM_TEXTS if getattr(eval_cfg, name).enabled}
+
+
+def benchmark_items(bench_targets: dict, data_root: Path) -> list[tuple[str, list[str]]]:
+    """(ref, texts) per item of every evaluated split (test and the few-shot sources)."""
+    items = []
+    for name, subs in bench_targets.items():
+        bench = BENCHMARKS[name]
+        src = data_root / bench.folder
+        for sub in bench.subtasks(src) if subs == "all" else subs:
+            for split in ("test", *bench.extra_splits):
+                for i, row in enumerate(bench.rows(src, sub, split)):
+                    items.append((f"{name}/{sub}/{split}/{i}", ITEM_TEXTS[name](row)))
+    return items
+
+
+def benchmark_files(bench_targets: dict, data_root: Path) -> list[Path]:
+    """The mirror files decontamination reads (for cache keys)."""
+    return sorted(p for name in bench_targets for p in (data_root / BENCHMARKS[name].folder).rglob("*")
+                  if p.is_file() and p.suffix in (".csv", ".json"))
+
+
+def _grams(ws: list[str], n: int) -> Iterable[str]:
+    return (" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1))
+
+
+def record_texts(record: dict) -> list[str]:
+    return [m["content"] for m in record["messages"]]
+
+
+def _segments(ws: list[str], n: int, boilerplate: set[str]) -> list[list[str]]:
+    """Maximal runs of words not covered by a boilerplate n-gram."""
+    covered = [False] * len(ws)
+    for i in range(len(ws) - n + 1):
+        if " ".join(ws[i:i + n]) in boilerplate:
+            covered[i:i + n] = [True] * n
+    runs, run = [], []
+    for w, c in zip(ws, covered):
+        if c:
+            runs, run = (runs + [run] if run else runs), []
+        else:
+            run.append(w)
+    return runs + [run] if run else runs
+
+
+class NgramIndex:
+    """N-grams of reference items (template text cut out first) -> the first item holding each.
+
+    Boilerplate: `ngram`-grams found in more than `boilerplate_df` texts among the items and `corpus`
+    (the records to be checked). Each item's words outside boilerplate form segments; a segment of at
+    least `ngram` words counts by its n-grams, a shorter one (of at least `min_words`) must appear whole."""
+
+    def __init__(self, items: list[tuple[str, list[str]]], cfg: DecontamConfig, corpus: Iterable[list[str]] = ()):
+        n = cfg.ngram
+        item_words = [(ref, [words(t) for t in texts]) for ref, texts in items]
+        df: Counter[str] = Counter()
+        for texts in [t for _, t in item_words] + [[words(t) for t in c] for c in corpus]:
+            df.update({g for ws in texts for g in _grams(ws, n)})
+        boilerplate = {g for g, c in df.items() if c > cfg.boilerplate_df}
+        self.ref: dict[str, str] = {}
+        self.skipped = 0
+        for ref, texts in item_words:
+            for ws in texts:
+                segments = [seg for seg in _segments(ws, n, boilerplate) if len(seg) >= cfg.min_words]
+                self.skipped += not segments
+                for seg in segments:
+                    for g in _grams(seg, min(n, len(seg))):
+                        self.ref.setdefault(g, ref)
+        self.sizes = sorted({g.count(" ") + 1 for g in self.ref})
+
+    def hit(self, texts: list[str]) -> str | None:
+        """The first indexed n-gram found in `texts`, or None."""
+        for text in texts:
+            ws = words(text)
+            for n in self.sizes:
+                g = next((g for g in _grams(ws, n) if g in self.ref), None)
+                if g is not None:
+                    return g
+        return None
+
+
+def contaminated(records: list[dict], index: NgramIndex) -> dict[str, dict]:
+    """{record id: {"item": ref, "ngram": text}} for records holding an item's n-gram."""
+    out = {}
+    for r in records:
+        g = index.hit(record_texts(r))
+        if g is not None:
+            out[r["id"]] = {"item": index.ref[g], "ngram": g}
+    return out

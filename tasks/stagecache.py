@@ -1,0 +1,40 @@
+"""Stage outputs through the content-addressed cache: an unchanged re-run copies the entry, does no work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from sftflow import cache
+
+_OUT = "@OUT_DIR@"  # result.json stores paths relative to the stage folder under this marker
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    for item in src.iterdir():
+        if item.name in (".complete", "result.json"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+def cached(stage: str, key: str, out_dir: Path, compute: Callable[[Path], dict]) -> dict:
+    """`compute(out_dir)` unless the cache holds `key`; the result says `<stage>/cache_hit` 1 or 0."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = json.dumps(str(out_dir))[1:-1]
+    hit = cache.lookup(stage, key)
+    if hit is not None:
+        _copy_tree(hit, out_dir)
+        result = json.loads((hit / "result.json").read_text().replace(_OUT, marker))
+    else:
+        result = compute(out_dir)
+        with cache.fill(stage, key) as entry:
+            _copy_tree(out_dir, entry)
+            (entry / "result.json").write_text(json.dumps(result, default=str).replace(marker, _OUT))
+    result.setdefault("metrics", {})[f"{stage}/cache_hit"] = int(hit is not None)
+    result["cache_key"] = key
+    return result
