@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,13 +32,33 @@ def _field(record: dict, key: str):
     return record["meta"].get(key.removeprefix("meta.")) if key.startswith("meta.") else record.get(key)
 
 
-def group_of(record: dict, cfg: SplitConfig) -> str:
-    """Records with equal group keys share a split: near-duplicate cluster, then `group_key`, else itself."""
-    if record["meta"].get("near_dup_cluster"):
-        return f"cluster:{record['meta']['near_dup_cluster']}"
+def group_keys(record: dict, cfg: SplitConfig) -> list[str]:
+    """Keys that tie records to one split: its near-duplicate cluster and its `group_key` value."""
+    keys = [f"cluster:{record['meta']['near_dup_cluster']}"] if record["meta"].get("near_dup_cluster") else []
     if cfg.group_key and _field(record, cfg.group_key) is not None:
-        return f"group:{_field(record, cfg.group_key)}"
-    return f"id:{record['id']}"
+        keys.append(f"group:{_field(record, cfg.group_key)}")
+    return keys
+
+
+def groups(records: list[dict], cfg: SplitConfig) -> dict[str, list[int]]:
+    """Connected groups of record indices (union-find over shared keys), named by their lowest id."""
+    parent = list(range(len(records)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, r in enumerate(records):
+        for k in group_keys(r, cfg):
+            j = first.setdefault(k, i)
+            parent[root(i)] = root(j)
+    out: dict[int, list[int]] = {}
+    for i in range(len(records)):
+        out.setdefault(root(i), []).append(i)
+    return {min(records[i]["id"] for i in members): members for members in out.values()}
 
 
 def stratum_of(record: dict, cfg: SplitConfig) -> str:
@@ -48,24 +69,22 @@ def stratum_of(record: dict, cfg: SplitConfig) -> str:
 
 def assign(records: list[dict], cfg: SplitConfig) -> dict[str, list[dict]]:
     """Shuffle each stratum's groups with the seed, fill test then val up to their ratios; output keeps input order."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[group_of(r, cfg)].append(i)
+    grouped = groups(records, cfg)
     strata: dict[str, list[str]] = defaultdict(list)
-    for g, members in groups.items():  # a group's stratum is that of its first member
+    for g, members in grouped.items():  # a group's stratum is that of its first member
         strata[stratum_of(records[members[0]], cfg)].append(g)
     which: dict[int, str] = {}
     for key in sorted(strata):
         gs = sorted(strata[key])
         random.Random(f"{cfg.seed}:{key}").shuffle(gs)
-        size = sum(len(groups[g]) for g in gs)
+        size = sum(len(grouped[g]) for g in gs)
         want = {"test": round(size * cfg.test_ratio), "val": round(size * cfg.val_ratio)}
         got = {"test": 0, "val": 0}
         for g in gs:
             name = next((s for s in ("test", "val") if got[s] < want[s]), "train")
             if name != "train":
-                got[name] += len(groups[g])
-            which.update({i: name for i in groups[g]})
+                got[name] += len(grouped[g])
+            which.update({i: name for i in grouped[g]})
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for i, r in enumerate(records):
         out[which[i]].append(r)
@@ -123,7 +142,10 @@ def log_datasets(paths: dict[str, Path]) -> None:
         rows = [{"id": r["id"], "source": r["source"], "label": r.get("label"),
                  "messages": json.dumps(r["messages"], ensure_ascii=False)} for r in read_jsonl(path)]
         df = pd.DataFrame(rows, columns=["id", "source", "label", "messages"])
-        mlflow.log_input(mlflow.data.from_pandas(df, source=str(path), name=name), context=name)
+        with warnings.catch_warnings():  # a local path fits two equivalent local source types; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(df, source=str(path), name=name)
+        mlflow.log_input(dataset, context=name)
 
 
 def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, bench_targets: dict,

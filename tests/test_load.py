@@ -1,10 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from sftflow.configs.schema import DataConfig, Source
 from sftflow.records import read_jsonl
 from sftflow.tasks.load import DataError, load, load_source
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
 
 
 def write(path, rows):
@@ -76,3 +79,79 @@ def test_duplicate_source_names_are_refused(tmp_path):
     cfg = DataConfig(root=str(tmp_path), sources=[Source(path="a.jsonl", name="x"), Source(path="a.jsonl", name="x")])
     with pytest.raises(DataError, match="distinct"):
         load(cfg, tmp_path / "out")
+
+
+
+@pytest.mark.parametrize("file, fmt, first", [
+    ("alpaca.json", "alpaca", [{"role": "user", "content": "Give the opposite word.\n\nhot"},
+                               {"role": "assistant", "content": "cold"}]),
+    ("dolly.jsonl", "dolly", [{"role": "user", "content": "When was the bridge opened?\n\nThe bridge opened to traffic in 1937."},
+                              {"role": "assistant", "content": "In 1937."}]),
+    ("sharegpt.json", "sharegpt", [{"role": "system", "content": "You are terse."},
+                                   {"role": "user", "content": "Capital of France?"},
+                                   {"role": "assistant", "content": "Paris."},
+                                   {"role": "user", "content": "And of Italy?"},
+                                   {"role": "assistant", "content": "Rome."}]),
+    ("messages.jsonl", "messages", [{"role": "system", "content": "Answer with a label."},
+                                    {"role": "user", "content": "Great film!"},
+                                    {"role": "assistant", "content": "positive"}]),
+    ("prompt_completion.csv", "prompt_completion", [{"role": "user", "content": 'Is "Great film" positive?'},
+                                                    {"role": "assistant", "content": "yes"}]),
+    ("task999_tiny.json", "superni", [{"role": "user", "content": "Classify the review as positive or negative.\n\nI loved it."},
+                                      {"role": "assistant", "content": "positive"}]),
+])
+def test_each_format_is_detected_and_converted(file, fmt, first):
+    for declared in ("auto", fmt):
+        records, _, available = load_source(Source(path=file, format=declared), FIXTURES)
+        assert available == 2 and records[0]["messages"] == first and records[0]["meta"]["format"] == fmt
+        assert records[0]["file"] == file and records[0]["source"] == file.rsplit(".", 1)[0]
+        assert len({r["id"] for r in records}) == len(records)
+
+
+def test_format_extras_keep_category_label_and_provenance():
+    dolly, _, _ = load_source(Source(path="dolly.jsonl"), FIXTURES)
+    assert [r["meta"]["category"] for r in dolly] == ["closed_qa", "brainstorming"]
+    assert dolly[1]["messages"][0]["content"] == "Suggest a name for a cat."  # empty context adds nothing
+    csv_rows, _, _ = load_source(Source(path="prompt_completion.csv"), FIXTURES)
+    assert [r["index"] for r in csv_rows] == [2, 3]  # the line each row starts on, after the header
+    assert csv_rows[1]["label"] == "no" and csv_rows[1]["messages"][0]["content"] == "A prompt\nover two lines"
+    chat, _, _ = load_source(Source(path="messages.jsonl"), FIXTURES)
+    assert [r["meta"]["conversation_id"] for r in chat] == ["c1", "c2"]
+    ni, _, _ = load_source(Source(path="task999_tiny.json"), FIXTURES)
+    assert ni[1]["label"] == "negative" and ni[1]["meta"]["native_id"] == "task999-b"
+
+
+def test_sharegpt_unknown_speaker_is_rejected_with_its_position():
+    records, rejects, _ = load_source(Source(path="sharegpt.json"), FIXTURES)
+    assert len(records) == 1 and rejects[0]["index"] == 1 and "conversations[1]" in rejects[0]["reason"]
+
+
+def test_parquet_and_declared_format_mismatch(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (FIXTURES / "messages.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist([{**r, "messages": json.dumps(r["messages"])} for r in rows]),
+                   tmp_path / "chat.parquet")
+    records, _, _ = load_source(Source(path="chat.parquet"), tmp_path)
+    assert [r["index"] for r in records] == [0, 1] and records[1]["messages"][1]["content"] == "negative"
+    with pytest.raises(DataError, match="no usable record"):
+        load_source(Source(path="alpaca.json", format="dolly"), FIXTURES)
+
+
+def test_unsupported_file_type_names_the_file(tmp_path):
+    (tmp_path / "data.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"data.txt: unsupported file type '.txt'"):
+        load_source(Source(path="data.txt"), tmp_path)
+
+
+def test_several_sources_with_weight_and_max_count_are_seeded(tmp_path, data_root):
+    task = "natural-instructions/tasks/task888_reviews_classification.json"
+    cfg = DataConfig(root=str(data_root), seed=3, sources=[Source(path=task, name="a", weight=0.1),
+                                                           Source(path=task, name="b", max_records=7, weight=0.5)])
+    out = load(cfg, tmp_path / "o")
+    assert out["ledger"]["per_source"] == {"a": {"available": 500, "loaded": 50, "rejected": 0},
+                                           "b": {"available": 500, "loaded": 7, "rejected": 0}}
+    again = load(cfg, tmp_path / "o2")
+    assert again["metrics"]["load/cache_hit"] == 1
+    assert (tmp_path / "o" / "records.jsonl").read_bytes() == (tmp_path / "o2" / "records.jsonl").read_bytes()

@@ -1,11 +1,14 @@
 import json
 from collections import Counter
 
+import pytest
 from conftest import make_record
 
 from sftflow.configs.schema import SplitConfig
 from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.split import assign, split
+from sftflow.tasks.split import account, assign, split
+
+NO_DECONTAM = {"decontam": {"enabled": False}}
 
 
 def records(n=200):
@@ -32,19 +35,91 @@ def test_split_is_stratified_by_label():
         assert labels["NEG"] == round(100 * share) and labels["POS"] == round(300 * share)
 
 
-def test_split_writes_files_and_manifests(tmp_path):
+def test_category_stratifies_when_there_is_no_label():
+    recs = [make_record(i, f"t{i}", "a") for i in range(100)]
+    for i, r in enumerate(recs):
+        r["meta"]["category"] = "qa" if i < 20 else "chat"
+    parts = assign(recs, SplitConfig(test_ratio=0.2, val_ratio=0.0))
+    assert Counter(r["meta"]["category"] for r in parts["test"]) == {"qa": 4, "chat": 16}
+
+
+def test_clusters_and_group_keys_never_straddle_splits():
+    recs = records(300)
+    for i, r in enumerate(recs):
+        if i % 10 < 4:  # clusters of 4 near duplicates
+            r["meta"]["near_dup_cluster"] = f"r{i - i % 10:04d}"
+        r["meta"]["conversation"] = f"conv{i // 3}"
+    for cfg in (SplitConfig(seed=1), SplitConfig(seed=2, group_key="meta.conversation")):
+        parts = assign(recs, cfg)
+        where = {r["id"]: s for s, rows in parts.items() for r in rows}
+        clusters, convs = {}, {}
+        for r in recs:
+            if "near_dup_cluster" in r["meta"]:
+                clusters.setdefault(r["meta"]["near_dup_cluster"], set()).add(where[r["id"]])
+            convs.setdefault(r["meta"]["conversation"], set()).add(where[r["id"]])
+        assert all(len(s) == 1 for s in clusters.values()) and len(clusters) == 30
+        if cfg.group_key:
+            assert all(len(s) == 1 for s in convs.values())
+        assert 0 < len(parts["test"]) and 0 < len(parts["val"])
+
+
+def test_split_writes_files_and_manifests_bit_for_bit(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", records(50))
-    out = split(str(tmp_path / "in.jsonl"), SplitConfig(), out_dir=tmp_path)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    out = split(str(tmp_path / "in.jsonl"), SplitConfig(**NO_DECONTAM), out_dir=tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     for name in ("train", "val", "test"):
-        rows = list(read_jsonl(tmp_path / f"{name}.jsonl"))
+        rows = list(read_jsonl(tmp_path / "a" / f"{name}.jsonl"))
         assert manifest[name]["ids"] == [r["id"] for r in rows]
         assert out["metrics"][f"split/{name}"] == len(rows)
-    assert sum(out["metrics"].values()) == 50
+    assert sum(out["metrics"][f"split/{n}"] for n in ("train", "val", "test")) == 50
+    # a fresh computation (no cache: other seed, then back) gives the same bytes
+    split(str(tmp_path / "in.jsonl"), SplitConfig(seed=5, **NO_DECONTAM), out_dir=tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    again = split(str(tmp_path / "in.jsonl"), SplitConfig(**NO_DECONTAM), out_dir=tmp_path / "c")
+    assert again["digests"] == out["digests"]
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "c" / "train.jsonl").read_bytes()
     # the content hash moves when content does
     changed = records(50)
     changed[0]["messages"][0]["content"] += "!"
     write_jsonl(tmp_path / "in2.jsonl", changed)
-    (tmp_path / "b").mkdir()
-    out2 = split(str(tmp_path / "in2.jsonl"), SplitConfig(), out_dir=tmp_path / "b")
+    out2 = split(str(tmp_path / "in2.jsonl"), SplitConfig(**NO_DECONTAM), out_dir=tmp_path / "d")
     assert out2["digests"] != out["digests"]
+
+
+def test_train_records_overlapping_the_test_split_are_removed(tmp_path):
+    recs = [make_record(i, f"Rate the review. Review {i}: " + " ".join(f"w{i}x{j}" for j in range(20)), "POS")
+            for i in range(60)]
+    write_jsonl(tmp_path / "in.jsonl", recs)
+    clean = split(str(tmp_path / "in.jsonl"), SplitConfig(seed=3), out_dir=tmp_path / "a")
+    assert clean["metrics"]["split/contaminated"] == 0
+    test_ids = [r["id"] for r in read_jsonl(clean["paths"]["test"])]
+    leaked_from = next(r for r in recs if r["id"] == test_ids[0])
+    # a train record quoting half of a test record (not a near duplicate of it)
+    quoting = make_record(99, "Compare: " + leaked_from["messages"][0]["content"][-120:] + " and more words here", "NEG")
+    write_jsonl(tmp_path / "in2.jsonl", recs + [quoting])
+    out = split(str(tmp_path / "in2.jsonl"), SplitConfig(seed=3), out_dir=tmp_path / "b")
+    if "r0099" in [r["id"] for r in read_jsonl(out["paths"]["test"])]:
+        pytest.skip("the quoting record itself landed in test")
+    rejects = list(read_jsonl(tmp_path / "b" / "decontam_rejects.jsonl"))
+    assert [(r["id"], r["reason"]) for r in rejects] == [("r0099", "contaminated:test_split")]
+    assert rejects[0]["record"]["meta"]["contaminated_by"]["item"] == leaked_from["id"]
+
+
+def test_accounting_raises_when_a_record_is_missing():
+    up = {"load": {"rows": 10, "rejected": 1}, "curate": {"rejected": 2, "exact_dup": 1, "near_dup": 1}}
+    parts = {"train": [{}] * 3, "val": [{}], "test": [{}]}
+    assert account(up, 5, parts, 0)["kept"] == 5
+    with pytest.raises(AssertionError, match="does not add up"):
+        account(up, 5, {**parts, "test": []}, 0)
+
+
+def test_each_split_is_logged_as_an_mlflow_dataset(tmp_path):
+    import mlflow
+
+    write_jsonl(tmp_path / "in.jsonl", records(30))
+    with mlflow.start_run() as run:
+        out = split(str(tmp_path / "in.jsonl"), SplitConfig(**NO_DECONTAM), out_dir=tmp_path / "a")
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["test", "train", "val"]
+    assert all(i.dataset.digest for i in inputs)
+    assert any(out["paths"]["train"] in i.dataset.source for i in inputs), [i.dataset.source for i in inputs]

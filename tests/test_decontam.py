@@ -1,0 +1,65 @@
+import pytest
+from conftest import make_record
+
+from sftflow.configs.schema import DecontamConfig, EvalConfig, Source
+from sftflow.tasks.benchmarks import BENCHMARKS
+from sftflow.tasks.decontam import NgramIndex, benchmark_items, contaminated, targets
+from sftflow.tasks.dedup.minhash import words
+from sftflow.tasks.load import load_source
+
+BENCH = {"mmlu": ["anatomy", "virology"], "bbh": ["navigate", "boolean_expressions"]}
+
+
+@pytest.fixture(scope="module")
+def index(data_root):
+    return NgramIndex(benchmark_items(BENCH, data_root), DecontamConfig())
+
+
+@pytest.fixture(scope="module")
+def clean(data_root):
+    recs = []
+    for task in ("task888_reviews_classification", "task1312_amazonreview_polarity_classification",
+                 "task363_sst2_polarity_classification"):
+        recs += load_source(Source(path=f"natural-instructions/tasks/{task}.json", max_records=300), data_root)[0]
+    return recs
+
+
+def test_pasted_mmlu_question_and_bbh_input_are_caught(index, data_root, clean):
+    q = BENCHMARKS["mmlu"].rows(data_root / "mmlu", "anatomy", "test")[7]
+    nav = BENCHMARKS["bbh"].rows(data_root / "bbh", "navigate", "test")[3]
+    planted = [
+        make_record(900, f"Answer this.\n{q['question']}\nA. {q['choices'][0]}\nB. {q['choices'][1]}", "A"),
+        make_record(901, f"Q: {nav['input']}\nA: Let's think.", nav["target"]),
+    ]
+    hits = contaminated(clean + planted, index)
+    assert hits == {"r0900": {"item": "mmlu/anatomy/test/7", "ngram": hits["r0900"]["ngram"]},
+                    "r0901": {"item": "bbh/navigate/test/3", "ngram": hits["r0901"]["ngram"]}}
+    assert hits["r0900"]["ngram"] in " ".join(words(q["question"])) and hits["r0901"]["ngram"] in " ".join(words(nav["input"]))
+
+
+def test_clean_instruction_data_is_untouched(index, clean):
+    assert contaminated(clean, index) == {}
+
+
+def test_short_items_must_appear_whole_and_tiny_ones_are_skipped(data_root):
+    cfg = DecontamConfig(ngram=13, min_words=4)
+    idx = NgramIndex([("item/short", ["Is the sky blue today"]), ("item/tiny", ["yes or no"])], cfg)
+    assert idx.skipped == 1 and idx.sizes == [5]
+    assert contaminated([make_record(0, "Q: is the sky blue today? A:", "yes")], idx) == \
+        {"r0000": {"item": "item/short", "ngram": "is the sky blue today"}}
+    assert contaminated([make_record(1, "is the sky blue", "yes or no")], idx) == {}
+
+
+def test_template_text_shared_by_many_items_is_not_evidence():
+    stem = "Read the following passage carefully and then answer the question that follows it"
+    items = [(f"b/{i}", [f"{stem}. Passage number {i} talks about topic {i * 13} in some depth"]) for i in range(10)]
+    idx = NgramIndex(items, DecontamConfig(ngram=8, min_words=5, boilerplate_df=5))
+    assert contaminated([make_record(0, stem + ". My own passage is new.", "x")], idx) == {}
+    assert contaminated([make_record(1, "passage number 4 talks about topic 52 in some depth", "x")], idx) == \
+        {"r0001": {"item": "b/4", "ngram": "4 talks about topic 52 in some depth"}}  # "passage number" is stem
+
+
+def test_targets_follow_the_eval_config():
+    cfg = EvalConfig()
+    cfg.bbh.enabled = False
+    assert targets(cfg) == {"mmlu": "all"}
