@@ -46,6 +46,10 @@ def test_mlflow_records_a_parent_run_with_a_child_per_stage(smoke_run):
         assert name in parent.data.metrics, name
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["config.yaml"]
     by_name = {c.info.run_name: c for c in children}
+    split_artifacts = {a.path for a in client.list_artifacts(by_name["split"].info.run_id)}
+    assert {"curation_report.json", "curation_report.md"} <= split_artifacts
+    assert sorted(i.dataset.name for i in client.get_run(by_name["split"].info.run_id).inputs.dataset_inputs) == \
+        ["test", "train", "val"]
     expected = {"split": "manifest.json", "curate": "curation_counts.json", "train": "training_curves.png",
                 "benchmarks": "benchmarks.json", "report": "summary.json"}
     for stage, artifact in expected.items():
@@ -59,8 +63,10 @@ def test_mlflow_records_a_parent_run_with_a_child_per_stage(smoke_run):
 def test_counts_add_up_and_summary_covers_every_measure(smoke_run):
     _, result, _ = smoke_run
     m = MlflowClient().get_run(result["mlflow_run_id"]).data.metrics
-    assert m["load/records"] == m["curate/kept"] + m["curate/rejected"] == 80
-    assert m["curate/kept"] == m["split/train"] + m["split/val"] + m["split/test"]
+    assert m["load/records"] == m["curate/kept"] + m["curate/rejected"] + m["curate/exact_dup"] + m["curate/near_dup"] == 80
+    assert m["curate/kept"] == m["split/train"] + m["split/val"] + m["split/test"] + m["split/contaminated"]
+    assert m["data/records_in"] == sum(m[f"data/{k}"] for k in ("kept", "rejected", "exact_dup", "near_dup",
+                                                                 "contaminated"))
     assert m["template/train/records"] + m["template/val/records"] + m["template/rejected"] == \
         m["split/train"] + m["split/val"]
     assert {r["measure"] for r in result["rows"]} == {"held-out exact_match", "held-out label_acc", "mmlu acc",
@@ -79,6 +85,8 @@ def test_prefect_knows_the_run_and_its_mlflow_link(smoke_run):
     assert run.state.is_completed()
     summary = [a for a in artifacts if a.key == "sftflow-summary" and a.flow_run_id == flow_run_id]
     assert summary and result["mlflow_run_id"] in summary[0].data
+    curation = [a for a in artifacts if a.key == "sftflow-curation" and a.flow_run_id == flow_run_id]
+    assert curation and "records in" in curation[0].data
 
 
 @pytest.mark.e2e

@@ -10,23 +10,26 @@ keeper is its lowest stable id, so the choice never depends on input order.
 
 from __future__ import annotations
 
-import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from sftflow.configs.schema import NearDedupConfig
-from sftflow.tasks.dedup.exact import normalise
 
 _WORD = re.compile(r"\w+")
+_TOKEN = re.compile(r"\w+|\x00")
+_HASH_KEY = "sftflow-minhash1"  # 16 bytes: fixed, so word hashes are the same in every process
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant for rolling the shingle hash
-_CHUNK = 1 << 16  # shingles per matrix block: 65k x 128 perms x 8 bytes = 64 MiB
+_CHUNK = 1 << 16  # candidate pairs verified at a time
+_BLOCK = 4096  # shingles hashed at a time: 4096 x 128 perms x 8 bytes = 4 MiB
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(normalise(text))
+    """Lower-cased (NFKC, casefold) word tokens, as `word_codes` sees them."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 @lru_cache(maxsize=64)
@@ -44,19 +47,24 @@ def bands_rows(threshold: float, num_perm: int) -> tuple[int, int]:
     return best
 
 
+def word_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(64-bit hash of every word of every text, words per text): one regex pass over the whole batch."""
+    import pandas as pd
+
+    batch = "\x00".join(t.replace("\x00", " ") if t.isascii() else unicodedata.normalize("NFKC", t.replace("\x00", " "))
+                        for t in texts).casefold()  # NFKC leaves ASCII alone: skip the call there
+    tokens = _TOKEN.findall(batch)  # words, and one \x00 between texts
+    codes, uniques = pd.factorize(np.asarray(tokens, dtype=object))
+    hashes = pd.util.hash_array(np.asarray(uniques, dtype=object), hash_key=_HASH_KEY)
+    is_break = codes == next((i for i, u in enumerate(uniques) if u == "\x00"), -1)
+    text_of = np.cumsum(is_break)[~is_break]  # which text each word belongs to
+    return hashes[codes[~is_break]], np.bincount(text_of, minlength=len(texts)).astype(np.int64)
+
+
 def shingles(texts: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """(record index, 64-bit shingle hash) pairs, unique per record; a text shorter than `size` words
     is one shingle of all its words, an empty one has none."""
-    vocab: dict[str, int] = {}
-    ids, lengths = [], []
-    for t in texts:
-        ws = words(t)
-        ids.extend(vocab.setdefault(w, len(vocab)) for w in ws)
-        lengths.append(len(ws))
-    table = np.array([int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-                      for w in vocab], dtype=np.uint64)
-    codes = table[np.asarray(ids, dtype=np.int64)] if ids else np.zeros(0, np.uint64)
-    lengths = np.asarray(lengths, dtype=np.int64)
+    codes, lengths = word_codes(texts)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
     span = np.minimum(lengths, size)  # words per shingle for each record
     per_record = np.maximum(lengths - size + 1, (lengths > 0).astype(np.int64))
@@ -89,13 +97,16 @@ def signatures(rec: np.ndarray, h: np.ndarray, n_records: int, cfg: NearDedupCon
     a = rng.integers(1, 2**63, size=cfg.num_perm, dtype=np.uint64) | np.uint64(1)
     b = rng.integers(0, 2**63, size=cfg.num_perm, dtype=np.uint64)
     sig = np.full((n_records, cfg.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    buf = np.empty((_BLOCK, cfg.num_perm), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        for lo in range(0, len(h), _CHUNK):
-            r, x = rec[lo:lo + _CHUNK], h[lo:lo + _CHUNK]
-            vals = ((x[:, None] * a[None, :] + b[None, :]) >> np.uint64(32)).astype(np.uint32)
+        for lo in range(0, len(h), _BLOCK):  # blocks small enough to stay in cache
+            r, x = rec[lo:lo + _BLOCK], h[lo:lo + _BLOCK]
+            vals = np.multiply(x[:, None], a[None, :], out=buf[:len(x)])
+            vals += b
+            vals >>= np.uint64(32)
             seg = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-            mins = np.minimum.reduceat(vals, seg, axis=0)
-            sig[r[seg]] = np.minimum(sig[r[seg]], mins)  # a record may span two chunks
+            mins = np.minimum.reduceat(vals, seg, axis=0).astype(np.uint32)
+            sig[r[seg]] = np.minimum(sig[r[seg]], mins)  # a record may span two blocks
     present = np.zeros(n_records, bool)
     present[rec] = True
     return sig, present
