@@ -65,9 +65,10 @@ class NearDedupConfig(Section):
     threshold: float = Field(0.8, gt=0.0, lt=1.0, description="estimated Jaccard similarity that makes a duplicate")
     remove: bool = Field(True, description="drop all but the keeper of each cluster; false: keep them, "
                                            "and the split still keeps each cluster in one split")
-    boilerplate_share: Share = Field(0.01, description="shingles in more than this share of records (shared "
-                                                       "instructions, templates) are ignored ...")
-    boilerplate_min: Positive = Field(20, description="... once they are in more than this many records")
+    # Shingles in more than max(boilerplate_min, boilerplate_share * records) records are template text
+    # (a task's instruction, a prompt stem) and ignored; otherwise all records of one task look alike.
+    boilerplate_share: Share = 0.01
+    boilerplate_min: Positive = 20
     seed: int = 1
 
 

@@ -87,7 +87,8 @@ def curate(config: ConfigArg, set_: SetOpt = None) -> None:
         console.print(f"[red]sftflow curate failed: {exc}[/red]")
         raise typer.Exit(1) from None
     console.print(Markdown(result["report_md"]))
-    console.print(f"splits: {', '.join(result['paths'].values())}\nMLflow run {result['mlflow_run_id']}")
+    console.print(f"splits: {', '.join(result['paths'].values())}\nMLflow run {result['mlflow_run_id']}",
+                  soft_wrap=True)  # paths stay whole, to copy
 
 
 @app.command("config")
