@@ -241,6 +241,25 @@ def sweep_tasks(cfg: EvalConfig, data_root: str, mirror: Path) -> list[EvalTask]
     return tasks + stock_tasks(cfg.tasks, cfg.tasks_limit)
 
 
+def sweep_models(model: str, base: str, offline: bool, baseline: bool) -> dict[str, dict]:
+    """`sftflow eval`'s models: the one asked for as "model" (a LoRA adapter folder sits on `base`),
+    plus the base itself when comparing; compared models share the base's tokenizer and chat template."""
+    from sftflow.models import resolve
+
+    adapter = Path(model).expanduser()
+    if (adapter / "adapter_config.json").is_file():
+        on = resolve(base, offline)
+        spec = {"path": on.path, "adapter": str(adapter.resolve()), "tokenizer": on.path}
+    else:
+        found = resolve(model, offline)
+        spec = {"path": found.path, "digest": found.digest, "tokenizer": found.path}
+    if not baseline:
+        return {"model": spec}
+    ref = resolve(base, offline)
+    return {"base": {"path": ref.path, "digest": ref.digest, "tokenizer": ref.path},
+            "model": {**spec, "tokenizer": ref.path}}
+
+
 def benchmarks(models: dict[str, dict], cfg: EvalConfig, data_root: str, out_dir: Path,
                trust_remote_code: bool = False) -> dict:
     """models: {"base": {"path", "digest"?}, "ft": {"path", "adapter"?}, ...}: any number, any names.

@@ -74,3 +74,34 @@ def test_real_lm_eval_sweep_on_tiny_model(tmp_path, data_root, tiny_model):
         ("subtask", "mmlu/anatomy"), ("subtask", "mmlu/virology"), ("subtask", "bbh/navigate")}
     assert (tmp_path / "forgetting_ft.png").stat().st_size > 1000 and "| benchmark | mmlu |" in \
         (tmp_path / "forgetting_ft.md").read_text()
+
+
+def test_base_results_are_cached_across_runs(tmp_path, data_root, tiny_model, monkeypatch):
+    from sftflow.models import resolve
+    from sftflow.tasks import benchmarks as stage
+
+    base = resolve(tiny_model, offline=True)
+    models = {"base": {"path": base.path, "digest": base.digest}}
+    cfg = EvalConfig(mmlu=BenchmarkConfig(subtasks=["anatomy"], limit=2, num_fewshot=1),
+                     bbh=BenchmarkConfig(subtasks=["navigate"], limit=2, num_fewshot=3), batch_size=4, seed=987)
+    first = benchmarks(models, cfg, str(data_root), tmp_path / "run1")["metrics"]
+    assert first["eval/base/evaluated_tasks"] == 2 and first["eval/base/cached_tasks"] == 0
+
+    def no_lm_eval(*args, **kwargs):
+        raise AssertionError("lm-eval ran although every task was cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "run_lm_eval", no_lm_eval)
+        second = benchmarks(models, cfg, str(data_root), tmp_path / "run2")["metrics"]
+    assert second["eval/base/cached_tasks"] == 2 and second["eval/base/wall_s"] == 0.0
+    assert {k: v for k, v in second.items() if "_tasks" not in k and "wall_s" not in k} == \
+        {k: v for k, v in first.items() if "_tasks" not in k and "wall_s" not in k}
+    assert list(read_jsonl(tmp_path / "run2" / "items_base.jsonl")) == list(read_jsonl(tmp_path / "run1" / "items_base.jsonl"))
+
+    # A new subtask is evaluated alone; a changed few-shot count is a different task.
+    cfg.mmlu.subtasks = ["anatomy", "virology"]
+    third = benchmarks(models, cfg, str(data_root), tmp_path / "run3")["metrics"]
+    assert (third["eval/base/cached_tasks"], third["eval/base/evaluated_tasks"]) == (2, 1)
+    cfg.bbh.num_fewshot = 2
+    fourth = benchmarks(models, cfg, str(data_root), tmp_path / "run4")["metrics"]
+    assert (fourth["eval/base/cached_tasks"], fourth["eval/base/evaluated_tasks"]) == (2, 1)

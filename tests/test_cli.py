@@ -6,7 +6,7 @@ from sftflow.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["run"], ["config"], ["model"], ["model", "pull"], ["model", "list"]])
+@pytest.mark.parametrize("args", [[], ["run"], ["eval"], ["config"], ["model"], ["model", "pull"], ["model", "list"]])
 def test_every_command_explains_itself(args):
     result = runner.invoke(app, [*args, "--help"])
     assert result.exit_code == 0, result.output
@@ -23,3 +23,31 @@ def test_config_prints_the_resolved_config_and_rejects_bad_fields():
 def test_model_list_names_the_registry():
     result = runner.invoke(app, ["model", "list"])
     assert result.exit_code == 0 and "smollm2-135m-instruct" in result.output and "tiny-random-llama" in result.output
+
+
+def test_eval_runs_only_the_sweep_for_a_model_and_tracks_it(tiny_model):
+    from mlflow.tracking import MlflowClient
+
+    args = ["eval", "configs/smoke.yaml", "--model", tiny_model, "--baseline",
+            "--set", "eval.mmlu.subtasks=[anatomy]", "--set", "eval.bbh.subtasks=[navigate]",
+            "--set", "tracking.experiment=cli-eval"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "mmlu/acc" in result.output and "mmlu_stem/acc" in result.output and "bbh/exact_match" in result.output
+    client = MlflowClient()
+    [parent] = client.search_runs([client.get_experiment_by_name("cli-eval").experiment_id],
+                                  filter_string="tags.mlflow.runName LIKE 'smoke-eval-%'")
+    metrics = parent.data.metrics
+    assert metrics["forgetting/model/mmlu/delta"] == 0.0  # the same weights on both sides
+    assert {"eval/base/mmlu/acc", "eval/model/bbh/exact_match", "eval/model/mmlu_stem/acc"} <= set(metrics)
+    assert "heldout/records" not in metrics and "train/final_loss" not in metrics  # only the sweep ran
+    again = runner.invoke(app, args)  # both models carry a digest: the second sweep is all cache
+    assert again.exit_code == 0, again.output
+    [latest, _] = client.search_runs([parent.info.experiment_id], "tags.mlflow.runName LIKE 'smoke-eval-%'",
+                                     order_by=["attributes.start_time DESC"])
+    assert latest.data.metrics["eval/base/cached_tasks"] == 2 and latest.data.metrics["eval/model/evaluated_tasks"] == 0
+
+
+def test_eval_names_a_model_that_does_not_exist():
+    result = runner.invoke(app, ["eval", "configs/smoke.yaml", "--model", "no/such-model"])
+    assert result.exit_code == 1 and "no/such-model" in result.output and "offline" in result.output
