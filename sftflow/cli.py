@@ -114,7 +114,9 @@ def eval_(config: ConfigArg,
             table.add_row(*row)
     console.print(table)
     console.print(f"run dir {ctx.run_dir}; MLflow run {ctx.parent_run_id}; "
-                  f"lm-eval wall time {result['metrics'].get('eval/model/wall_s', 0.0):.0f} s")
+                  "lm-eval wall time " + ", ".join(f"{t} {result['metrics'][f'eval/{t}/wall_s']:.0f} s "
+                                                   f"({result['metrics'][f'eval/{t}/cached_tasks']:.0f} tasks cached)"
+                                                   for t in models))
 
 
 @app.command("config")

@@ -9,26 +9,52 @@ false alarms by chance.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import stats
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], np.ndarray], n: int, iters: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile CI of `statistic` over item resamples; statistic maps an index matrix (B, n) to (B,) values."""
+    if n == 0:
+        raise ValueError("bootstrap_ci: no items")
+    rng = np.random.default_rng(seed)
+    values = np.empty(iters)
+    for start in range(0, iters, 256):  # chunks keep memory flat for large item counts
+        stop = min(iters, start + 256)
+        values[start:stop] = statistic(rng.integers(0, n, size=(stop - start, n)))
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def paired_bootstrap_ci(base: Sequence[float], ft: Sequence[float], iters: int = 2000, level: float = 0.95,
                         seed: int = 0) -> tuple[float, float]:
     """Percentile CI of mean(ft - base), resampling items with replacement (pairs stay together)."""
     diff = np.asarray(ft, dtype=float) - np.asarray(base, dtype=float)
-    if diff.size == 0:
-        raise ValueError("paired_bootstrap_ci: no items")
-    rng = np.random.default_rng(seed)
-    means = np.empty(iters)
-    for start in range(0, iters, 256):  # chunks keep memory flat for large item counts
-        stop = min(iters, start + 256)
-        means[start:stop] = diff[rng.integers(0, diff.size, size=(stop - start, diff.size))].mean(axis=1)
-    tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    return bootstrap_ci(lambda idx: diff[idx].mean(axis=1), diff.size, iters, level, seed)
+
+
+def macro_f1(truth: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
+    """Macro-F1 over class ids 0..classes-1 along the last axis (works on a (B, n) stack of resamples);
+    a class with no true and no predicted items scores 0, as sklearn's zero_division=0."""
+    scores = []
+    for c in range(classes):
+        t, p = truth == c, pred == c
+        tp, fp, fn = (t & p).sum(-1), (~t & p).sum(-1), (t & ~p).sum(-1)
+        denom = 2 * tp + fp + fn
+        scores.append(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0))
+    return np.mean(scores, axis=0)
+
+
+def macro_f1_delta_ci(truth: Sequence[int], base: Sequence[int], ft: Sequence[int], classes: int,
+                      iters: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Paired-bootstrap CI of macro-F1(ft) - macro-F1(base); labels as class ids (other answers: -1)."""
+    t, b, f = (np.asarray(a) for a in (truth, base, ft))
+    return bootstrap_ci(lambda idx: macro_f1(t[idx], f[idx], classes) - macro_f1(t[idx], b[idx], classes),
+                        t.size, iters, level, seed)
 
 
 def mcnemar_exact(base: Sequence[float], ft: Sequence[float]) -> dict:

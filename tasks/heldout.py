@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+
+import numpy as np
 from pathlib import Path
 
 from sftflow import stats
@@ -58,15 +60,15 @@ def score(predictions: list[str], references: list[str]) -> dict[str, float]:
 
 def label_report(predictions: list[str], labels: list[str]) -> dict:
     """Macro-F1 over the reference labels and a confusion table (predictions outside them: `<other>`)."""
-    from sklearn.metrics import confusion_matrix, f1_score
-
     classes = sorted({normalise_label(label) for label in labels})
-    truth = [normalise_label(label) for label in labels]
-    pred = [q if q in classes else "<other>" for q in map(normalise_label, predictions)]
     columns = classes + ["<other>"]
-    matrix = confusion_matrix(truth, pred, labels=columns)[: len(classes)]
-    return {"macro_f1": float(f1_score(truth, pred, labels=classes, average="macro", zero_division=0)),
-            "confusion": {"labels": classes, "predicted": columns, "matrix": matrix.tolist()}}
+    ids = {name: i for i, name in enumerate(classes)}
+    truth = np.array([ids[normalise_label(label)] for label in labels])
+    pred = np.array([ids.get(normalise_label(p), -1) for p in predictions])
+    matrix = [[int(np.sum((truth == i) & (pred == (j if j < len(classes) else -1)))) for j in range(len(columns))]
+              for i in range(len(classes))]
+    return {"macro_f1": float(stats.macro_f1(truth, pred, len(classes))), "truth": truth, "pred": pred,
+            "confusion": {"labels": classes, "predicted": columns, "matrix": matrix}}
 
 
 def side_by_side(rows: list[dict], tags: list[str], limit: int) -> str:
@@ -91,7 +93,7 @@ def heldout(test_path: str, models: dict[str, dict], cfg: HeldoutConfig, out_dir
     refs = [reference(r) for r in records]
     labelled = all(r.get("label") is not None for r in records)
     prompts = [with_system(prompt_messages(r), system_prompt) for r in records]
-    metrics, preds, per_record, confusion = {"heldout/records": len(records)}, {}, {}, {}
+    metrics, preds, per_record, labels, confusion = {"heldout/records": len(records)}, {}, {}, {}, {}
     for tag, spec in models.items():
         tok = load_tokenizer(spec.get("adapter") or spec["path"], trust_remote_code)
         model = load_causal_lm(spec["path"], trust_remote_code, adapter=spec.get("adapter")).eval()
@@ -102,9 +104,9 @@ def heldout(test_path: str, models: dict[str, dict], cfg: HeldoutConfig, out_dir
         for name, values in per_record[tag].items():
             metrics[f"heldout/{tag}/{name}"] = sum(values) / len(values)
         if labelled:
-            report = label_report(preds[tag], refs)
-            metrics[f"heldout/{tag}/macro_f1"] = report["macro_f1"]
-            confusion[tag] = report["confusion"]
+            labels[tag] = label_report(preds[tag], refs)
+            metrics[f"heldout/{tag}/macro_f1"] = labels[tag]["macro_f1"]
+            confusion[tag] = labels[tag]["confusion"]
         del model
     for tag in (t for t in preds if t != "base" and "base" in preds):
         prefix = delta_prefix("heldout/delta", tag)
@@ -113,7 +115,11 @@ def heldout(test_path: str, models: dict[str, dict], cfg: HeldoutConfig, out_dir
             metrics.update({f"{prefix}/{name}": result["delta"], f"{prefix}/{name}/ci_low": result["ci_low"],
                             f"{prefix}/{name}/ci_high": result["ci_high"], f"{prefix}/{name}/p_value": result["p_value"]})
         if labelled:
-            metrics[f"{prefix}/macro_f1"] = metrics[f"heldout/{tag}/macro_f1"] - metrics["heldout/base/macro_f1"]
+            base, ft = labels["base"], labels[tag]
+            low, high = stats.macro_f1_delta_ci(base["truth"], base["pred"], ft["pred"], len(confusion[tag]["labels"]),
+                                                bootstrap_iters, seed=seed)
+            metrics.update({f"{prefix}/macro_f1": ft["macro_f1"] - base["macro_f1"], f"{prefix}/macro_f1/ci_low": low,
+                            f"{prefix}/macro_f1/ci_high": high})
     rows = [{"id": r["id"], "source": r["source"], "prompt": prompts[i][-1]["content"], "reference": ref,
              **{f"{t}_prediction": p[i] for t, p in preds.items()}}
             for i, (r, ref) in enumerate(zip(records, refs))]

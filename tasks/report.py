@@ -51,6 +51,8 @@ def to_markdown(rows: list[dict], verdict: dict | None = None) -> str:
 
 def report(stage_metrics: list[dict], forgetting: list[dict], out_dir: Path, verdict: dict | None = None) -> dict:
     merged = {k: v for m in stage_metrics for k, v in m.items()}
+    if verdict is not None:  # the gate stage's result also carries its MLflow bookkeeping
+        verdict = {k: verdict[k] for k in ("passed", "reasons", "checks", "model", "bound")}
     rows = summary_rows(merged, forgetting)
     markdown = to_markdown(rows, verdict)
     (out_dir / "summary.json").write_text(json.dumps({"rows": rows, "gate": verdict, "metrics": merged}, indent=2))

@@ -52,3 +52,21 @@ def test_heldout_scores_every_model_against_base_and_writes_artifacts(tmp_path, 
     examples = (tmp_path / "examples.md").read_text()
     assert examples.count("- reference:") == 2 and "- ft_best:" in examples and "review 0" in examples
     assert json.loads((tmp_path / "heldout.json").read_text())["metrics"] == m
+
+
+def test_macro_f1_matches_sklearn_and_its_delta_ci_brackets_the_point_estimate():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from sftflow import stats
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 3, 120)
+    base = np.where(rng.random(120) < 0.5, truth, rng.integers(-1, 3, 120))
+    ft = np.where(rng.random(120) < 0.8, truth, rng.integers(-1, 3, 120))
+    for pred in (base, ft):
+        assert stats.macro_f1(truth, pred, 3) == pytest.approx(
+            f1_score(truth, pred, labels=[0, 1, 2], average="macro", zero_division=0))
+    delta = stats.macro_f1(truth, ft, 3) - stats.macro_f1(truth, base, 3)
+    low, high = stats.macro_f1_delta_ci(truth, base, ft, 3, iters=500)
+    assert 0 < low < delta < high
