@@ -121,7 +121,7 @@ class GateConfig(Section):
     """Promotion verdict: the fine-tuned model must gain on its task without forgetting too much."""
 
     target: Literal["label_acc", "exact_match", "macro_f1"] = "label_acc"
-    min_gain: float = Field(0.0, description="held-out fine-tuned minus base must be at least this")
+    min_gain: float = Field(0.05, description="held-out fine-tuned minus base must be at least this")
     max_forgetting: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
         {"mmlu": 0.05, "bbh": 0.05}, description="per benchmark: the largest drop (base minus fine-tuned) allowed")
     bound: Literal["point", "ci"] = Field(

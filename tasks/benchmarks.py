@@ -145,7 +145,8 @@ def _leaves(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
 
 
 def per_item(result: dict, tasks: list[EvalTask]) -> Iterator[dict]:
-    """lm-eval's logged samples -> one row per item: benchmark, subtask, doc_id, score (first filter)."""
+    """lm-eval's logged samples -> one row per item: benchmark, subtask, doc_id, score (first filter) and
+    the exact prompt the model was sent."""
     for task in tasks:
         for leaf in _leaves(task.name, result.get("group_subtasks", {})):
             metric = result["configs"][leaf]["metric_list"][0]["metric"]
@@ -155,7 +156,8 @@ def per_item(result: dict, tasks: list[EvalTask]) -> Iterator[dict]:
                 if s["filter"] == first_filter:
                     sub = task.subtask if leaf == task.name else leaf
                     yield {"benchmark": task.benchmark, "task": sub, "category": task.category,
-                           "doc_id": s["doc_id"], "metric": metric, "score": float(s[metric])}
+                           "doc_id": s["doc_id"], "metric": metric, "score": float(s[metric]),
+                           "prompt": s["arguments"][0][0]}
 
 
 def run_lm_eval(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig, trust_remote_code: bool) -> dict:
@@ -188,13 +190,17 @@ def _tokenizer_digest(path: str) -> str:
     return cache.key(files)
 
 
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
 def result_key(model: dict, task: EvalTask, cfg: EvalConfig) -> str | None:
     """Cache key of one model's items on one task, or None when the model has no content digest."""
-    import lm_eval
-
     if not model.get("digest"):
         return None
-    return cache.key("lm-eval", lm_eval.__version__, model["digest"],
+    return cache.key("lm-eval", lm_eval_version(), model["digest"],
                      _tokenizer_digest(model.get("tokenizer") or model["path"]), task.fingerprint,
                      {"chat": cfg.apply_chat_template, "seed": cfg.seed, "tasks_limit": cfg.tasks_limit})
 
@@ -291,7 +297,8 @@ def benchmarks(models: dict[str, dict], cfg: EvalConfig, data_root: str, out_dir
         artifacts.append(out_dir / "forgetting.json")
     (out_dir / "benchmarks.json").write_text(json.dumps(metrics, indent=2))
     return {"metrics": metrics, "forgetting": rows, "artifacts": [out_dir / "benchmarks.json", *artifacts],
-            "params": {"eval.lm_eval_tasks": ",".join(sorted({t.benchmark for t in tasks}))}}
+            "params": {"eval.benchmarks": ",".join(sorted({t.benchmark for t in tasks})),
+                       "eval.lm_eval_version": lm_eval_version()}}
 
 
 benchmarks_task = stage_task(benchmarks, "benchmarks")

@@ -77,7 +77,8 @@ def side_by_side(rows: list[dict], tags: list[str], limit: int) -> str:
     for row in rows[:limit]:
         out += [f"## {row['id']} ({row['source']})", "", "```text", row["prompt"][-1500:], "```", "",
                 f"- reference: `{row['reference']}`"]
-        out += [f"- {tag}: `{row[f'{tag}_prediction']}`" for tag in tags]
+        out += [f"- {tag}: `{row[f'{tag}_prediction']}`" if row[f"{tag}_prediction"] else f"- {tag}: (empty)"
+                for tag in tags]
         out.append("")
     return "\n".join(out)
 

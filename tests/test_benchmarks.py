@@ -105,3 +105,17 @@ def test_base_results_are_cached_across_runs(tmp_path, data_root, tiny_model, mo
     cfg.bbh.num_fewshot = 2
     fourth = benchmarks(models, cfg, str(data_root), tmp_path / "run4")["metrics"]
     assert (fourth["eval/base/cached_tasks"], fourth["eval/base/evaluated_tasks"]) == (2, 1)
+
+
+def test_chat_template_option_renders_prompts_through_the_base_template(tmp_path, data_root, tiny_model):
+    cfg = EvalConfig(mmlu=BenchmarkConfig(subtasks=["anatomy"], limit=1, num_fewshot=1),
+                     bbh=BenchmarkConfig(enabled=False, num_fewshot=0), apply_chat_template=True, bootstrap_iters=50)
+    models = {"base": {"path": tiny_model, "tokenizer": tiny_model}, "ft": {"path": tiny_model, "tokenizer": tiny_model}}
+    benchmarks(models, cfg, str(data_root), tmp_path / "chat")
+    [base], [ft] = (list(read_jsonl(tmp_path / "chat" / f"items_{t}.jsonl")) for t in ("base", "ft"))
+    assert base["prompt"] == ft["prompt"] and base["prompt"].startswith("<|im_start|>system\nThe following are")
+    assert base["prompt"].endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")  # few-shot as turns, then ask
+    cfg.apply_chat_template = False
+    benchmarks({"base": models["base"]}, cfg, str(data_root), tmp_path / "plain")
+    [plain] = read_jsonl(tmp_path / "plain" / "items_base.jsonl")
+    assert "<|im_start|>" not in plain["prompt"] and plain["prompt"].endswith("Answer:")
