@@ -85,6 +85,7 @@ class EvalTask:
     subtask: str
     category: str | None  # lm-eval's group (mmlu_stem, ...), read from the stock YAML's tag
     fingerprint: str  # content hash of everything that defines the task's prompts and items
+    stock: bool = False  # a stock lm-eval name (data from the hub), not a generated mirror
 
 
 def sample(rows: list[dict], limit: int | None, seed: str) -> list[dict]:
@@ -136,28 +137,23 @@ def build_mirror(name: str, cfg: BenchmarkConfig, data_root: Path, seed: int, ou
 
 def stock_tasks(names: list[str], limit: int | None) -> list[EvalTask]:
     """Stock lm-eval tasks/groups by name; their data comes from the hub (online users)."""
-    return [EvalTask(n, n, n, None, cache.key("stock", n, limit)) for n in names]
+    return [EvalTask(n, n, n, None, cache.key("stock", n, limit), stock=True) for n in names]
 
 
-def _leaves(name: str, group_subtasks: dict[str, list[str]]) -> list[str]:
-    children = group_subtasks.get(name)
-    return [leaf for c in children for leaf in _leaves(c, group_subtasks)] if children else [name]
-
-
-def per_item(result: dict, tasks: list[EvalTask]) -> Iterator[dict]:
+def per_item(result: dict, task: EvalTask) -> Iterator[dict]:
     """lm-eval's logged samples -> one row per item: benchmark, subtask, doc_id, score (first filter) and
-    the exact prompt the model was sent."""
-    for task in tasks:
-        for leaf in _leaves(task.name, result.get("group_subtasks", {})):
-            metric = result["configs"][leaf]["metric_list"][0]["metric"]
-            samples = result["samples"][leaf]
-            first_filter = samples[0]["filter"] if samples else None
-            for s in samples:
-                if s["filter"] == first_filter:
-                    sub = task.subtask if leaf == task.name else leaf
-                    yield {"benchmark": task.benchmark, "task": sub, "category": task.category,
-                           "doc_id": s["doc_id"], "metric": metric, "score": float(s[metric]),
-                           "prompt": s["arguments"][0][0]}
+    the exact prompt the model was sent. A stock name (task, group or tag) runs alone, so every leaf
+    task in its result belongs to it."""
+    leaves = [task.name] if task.name in result["samples"] else sorted(result["samples"])
+    for leaf in leaves:
+        metric = result["configs"][leaf]["metric_list"][0]["metric"]
+        samples = result["samples"][leaf]
+        first_filter = samples[0]["filter"] if samples else None
+        for s in samples:
+            if s["filter"] == first_filter:
+                yield {"benchmark": task.benchmark, "task": task.subtask if leaf == task.name else leaf,
+                       "category": task.category, "doc_id": s["doc_id"], "metric": metric,
+                       "score": float(s[metric]), "prompt": s["arguments"][0][0]}
 
 
 def run_lm_eval(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig, trust_remote_code: bool) -> dict:
@@ -170,7 +166,7 @@ def run_lm_eval(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConf
         model_args["peft"] = model["adapter"]
     if model.get("tokenizer"):
         model_args["tokenizer"] = model["tokenizer"]
-    stock = any(not t.name.startswith("sftflow_") for t in tasks)  # indexing the stock tasks costs seconds
+    stock = any(t.stock for t in tasks)  # indexing lm-eval's own tasks costs seconds
     return simple_evaluate(
         model="hf", model_args=model_args, tasks=[t.name for t in tasks], batch_size=cfg.batch_size,
         device="cuda" if torch.cuda.is_available() else "cpu", log_samples=True, bootstrap_iters=0,
@@ -190,6 +186,9 @@ def _tokenizer_digest(path: str) -> str:
     return cache.key(files)
 
 
+ITEMS_FORMAT = 1  # bump when the per-item rows change shape, so older cache entries are not read
+
+
 def lm_eval_version() -> str:
     from importlib.metadata import version
 
@@ -200,7 +199,7 @@ def result_key(model: dict, task: EvalTask, cfg: EvalConfig) -> str | None:
     """Cache key of one model's items on one task, or None when the model has no content digest."""
     if not model.get("digest"):
         return None
-    return cache.key("lm-eval", lm_eval_version(), model["digest"],
+    return cache.key("lm-eval", ITEMS_FORMAT, lm_eval_version(), model["digest"],
                      _tokenizer_digest(model.get("tokenizer") or model["path"]), task.fingerprint,
                      {"chat": cfg.apply_chat_template, "seed": cfg.seed, "tasks_limit": cfg.tasks_limit})
 
@@ -214,15 +213,18 @@ def evaluate_model(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalC
     items: dict[str, list[dict]] = {name: list(read_jsonl(path / "items.jsonl"))
                                     for name, path in hits.items() if path is not None}
     info = {"cached_tasks": len(tasks) - len(todo), "evaluated_tasks": len(todo), "wall_s": 0.0}
-    if todo:
-        start = time.perf_counter()
-        result = run_lm_eval(model, todo, include, cfg, trust_remote_code)
-        info["wall_s"] = time.perf_counter() - start
-        for task in todo:
-            items[task.name] = list(per_item(result, [task]))
+    # Mirrors run together; each stock name alone, so its leaf tasks can be told apart from the others'.
+    mirrors = [t for t in todo if not t.stock]
+    batches = ([mirrors] if mirrors else []) + [[t] for t in todo if t.stock]
+    start = time.perf_counter()
+    for batch in batches:
+        result = run_lm_eval(model, batch, include, cfg, trust_remote_code)
+        for task in batch:
+            items[task.name] = list(per_item(result, task))
             if keys[task.name]:
                 with cache.fill("benchmarks", keys[task.name]) as entry:
                     write_jsonl(entry / "items.jsonl", items[task.name])
+    info["wall_s"] = time.perf_counter() - start if batches else 0.0
     return [it for t in tasks for it in items[t.name]], info
 
 

@@ -119,3 +119,17 @@ def test_chat_template_option_renders_prompts_through_the_base_template(tmp_path
     benchmarks({"base": models["base"]}, cfg, str(data_root), tmp_path / "plain")
     [plain] = read_jsonl(tmp_path / "plain" / "items_base.jsonl")
     assert "<|im_start|>" not in plain["prompt"] and plain["prompt"].endswith("Answer:")
+
+
+def test_stock_task_names_run_alone_and_expand_groups_and_tags(tmp_path, data_root, tiny_model):
+    """eval.tasks takes any lm-eval name. Stock data needs the hub, so this resolves a tag offline through the
+    same path: lm-eval's full task index plus the mirror folder, where `sftflow_bbh` tags the BBH mirrors."""
+    cfg = EvalConfig(mmlu=BenchmarkConfig(enabled=False, num_fewshot=0),
+                     bbh=BenchmarkConfig(subtasks=["navigate", "snarks"], limit=2, num_fewshot=1),
+                     tasks=["sftflow_bbh"], tasks_limit=1, bootstrap_iters=50)
+    out = benchmarks({"base": {"path": tiny_model}}, cfg, str(data_root), tmp_path)["metrics"]
+    items = list(read_jsonl(tmp_path / "items_base.jsonl"))
+    stock = [i for i in items if i["benchmark"] == "sftflow_bbh"]
+    assert sorted(i["task"] for i in stock) == ["sftflow_bbh_navigate", "sftflow_bbh_snarks"]  # tasks_limit=1 each
+    assert out["eval/base/sftflow_bbh/n"] == 2 and out["eval/base/bbh/n"] == 4 and out["eval/base/evaluated_tasks"] == 3
+    assert "eval/base/sftflow_bbh/sftflow_bbh_snarks/exact_match" in out
