@@ -65,4 +65,5 @@ def sft_pipeline(config: PipelineConfig) -> dict:
         create_table_artifact(key="sftflow-forgetting", table=forgetting,
                               description="fine-tuned minus base per benchmark, category and subtask (95% CIs)")
     return {"mlflow_run_id": ctx.parent_run_id, "run_dir": ctx.run_dir, "rows": summary["rows"],
-            "experiment_id": ctx.experiment_id, "gate": {"passed": verdict["passed"], "reasons": verdict["reasons"]}}
+            "experiment_id": ctx.experiment_id, "gate": {"passed": verdict["passed"], "reasons": verdict["reasons"]},
+            "eval_timing": summary["timing"]}

@@ -196,8 +196,9 @@ def lm_eval_version() -> str:
 
 
 def result_key(model: dict, task: EvalTask, cfg: EvalConfig) -> str | None:
-    """Cache key of one model's items on one task, or None when the model has no content digest."""
-    if not model.get("digest"):
+    """Cache key of one model's items on one task, or None when the model has no content digest (a hub id
+    names a model whose files can change under it, so it is never cached)."""
+    if not model.get("digest") or model["digest"].startswith("hub:"):
         return None
     return cache.key("lm-eval", ITEMS_FORMAT, lm_eval_version(), model["digest"],
                      _tokenizer_digest(model.get("tokenizer") or model["path"]), task.fingerprint,

@@ -16,6 +16,11 @@ def delta_prefix(kind: str, tag: str) -> str:
     return kind if tag == "ft" else f"{kind}/{tag}"
 
 
+def _p(row: dict) -> float:
+    """The p-value a flag rests on: Holm-adjusted for subtasks, raw for benchmarks and categories."""
+    return row["p_value"] if row["p_holm"] is None else row["p_holm"]
+
+
 def _index(items: list[dict]) -> dict[tuple, dict]:
     return {(it["benchmark"], it["task"], it["doc_id"]): it for it in items}
 
@@ -37,13 +42,14 @@ def forgetting_rows(base_items: list[dict], ft_items: list[dict], iters: int = 2
     for (scope, bench, name), keys in scopes.items():
         result = stats.compare([base[k]["score"] for k in keys], [ft[k]["score"] for k in keys], iters,
                                1 - alpha, seed)
-        rows.append({"scope": scope, "benchmark": bench, "name": name, "metric": base[keys[0]]["metric"], **result})
+        rows.append({"scope": scope, "benchmark": bench, "name": name, "metric": base[keys[0]]["metric"],
+                     "base_only": None, "ft_only": None, "p_holm": None, **result})
     for bench in {r["benchmark"] for r in rows}:
         subs = [r for r in rows if r["scope"] == "subtask" and r["benchmark"] == bench]
         for r, p in zip(subs, stats.holm([r["p_value"] for r in subs])):
             r["p_holm"] = p
     for r in rows:
-        r["significant_drop"] = r["delta"] < 0 and r.get("p_holm", r["p_value"]) < alpha
+        r["significant_drop"] = r["delta"] < 0 and _p(r) < alpha
     order = {"benchmark": 0, "category": 1, "subtask": 2}
     return sorted(rows, key=lambda r: (r["benchmark"], order[r["scope"]], r["name"]))
 
@@ -69,7 +75,7 @@ def to_markdown(rows: list[dict], tag: str, alpha: float) -> str:
              "| scope | name | metric | n | base | " + tag + " | delta | 95% CI | p | |",
              "|---|---|---|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
-        p = r.get("p_holm", r["p_value"])
+        p = _p(r)
         lines.append(f"| {r['scope']} | {r['name']} | {r['metric']} | {r['n']} | {r['base']:.3f} | {r['ft']:.3f} "
                      f"| {r['delta']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {p:.3g} "
                      f"| {'**drop**' if r['significant_drop'] else ''} |")

@@ -36,7 +36,19 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def to_markdown(rows: list[dict], verdict: dict | None = None) -> str:
+def timing(metrics: dict) -> str:
+    """Evaluation wall time per stage and model, with how much of the sweep came from the cache."""
+    parts = [f"held-out {metrics['heldout/duration_s']:.0f} s"] if "heldout/duration_s" in metrics else []
+    if "benchmarks/duration_s" in metrics:
+        tags = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and k.endswith("/cached_tasks")})
+        models = [f"{t} {metrics[f'eval/{t}/wall_s']:.0f} s, {metrics[f'eval/{t}/cached_tasks']:.0f}/"
+                  f"{metrics[f'eval/{t}/cached_tasks'] + metrics[f'eval/{t}/evaluated_tasks']:.0f} tasks cached"
+                  for t in tags]
+        parts.append(f"benchmarks {metrics['benchmarks/duration_s']:.0f} s ({'; '.join(models)})")
+    return "Evaluation wall time: " + ", ".join(parts) if parts else ""
+
+
+def to_markdown(rows: list[dict], verdict: dict | None = None, footer: str = "") -> str:
     lines = ["| measure | base | fine-tuned | delta | 95% CI | p | n | |", "|---|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         ci = "–" if r["ci_low"] is None else f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
@@ -46,6 +58,8 @@ def to_markdown(rows: list[dict], verdict: dict | None = None) -> str:
         lines += ["", f"**Promotion gate ({verdict['model']}, {verdict['bound']}): "
                       f"{'PASSED' if verdict['passed'] else 'FAILED'}**", ""]
         lines += [f"- {'ok' if c['passed'] else 'FAIL'}: {c['reason']}" for c in verdict["checks"]]
+    if footer:
+        lines += ["", footer]
     return "\n".join(lines)
 
 
@@ -54,10 +68,10 @@ def report(stage_metrics: list[dict], forgetting: list[dict], out_dir: Path, ver
     if verdict is not None:  # the gate stage's result also carries its MLflow bookkeeping
         verdict = {k: verdict[k] for k in ("passed", "reasons", "checks", "model", "bound")}
     rows = summary_rows(merged, forgetting)
-    markdown = to_markdown(rows, verdict)
+    markdown = to_markdown(rows, verdict, timing(merged))
     (out_dir / "summary.json").write_text(json.dumps({"rows": rows, "gate": verdict, "metrics": merged}, indent=2))
     (out_dir / "summary.md").write_text("# sftflow summary\n\n" + markdown + "\n")
-    return {"rows": rows, "markdown": markdown, "metrics": {},
+    return {"rows": rows, "markdown": markdown, "timing": timing(merged), "metrics": {},
             "artifacts": [out_dir / "summary.json", out_dir / "summary.md"]}
 
 

@@ -74,6 +74,7 @@ def test_counts_add_up_and_summary_covers_every_measure(smoke_run):
     assert {r["measure"] for r in result["rows"]} == {"held-out exact_match", "held-out label_acc", "held-out macro_f1",
                                                       "mmlu acc", "mmlu_stem acc", "mmlu_other acc", "bbh exact_match"}
     assert all(r["ci_low"] <= r["delta"] <= r["ci_high"] for r in result["rows"])
+    assert result["eval_timing"].startswith("Evaluation wall time: held-out") and "tasks cached" in result["eval_timing"]
     assert Path(result["run_dir"], "report", "summary.md").exists()
 
 

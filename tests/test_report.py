@@ -20,7 +20,10 @@ def test_report_rows_carry_base_ft_delta_ci_and_the_verdict(tmp_path):
     rows = forgetting_rows(base, ft, iters=300)
     gate = verdict({**held, "forgetting/mmlu/delta": -0.375}, GateConfig(target="exact_match",
                                                                          max_forgetting={"mmlu": 0.05}))
-    out = report([held], rows, out_dir=tmp_path, verdict=gate)
+    timings = {"heldout/duration_s": 12.4, "benchmarks/duration_s": 95.2, "eval/base/wall_s": 0.0,
+               "eval/base/cached_tasks": 84.0, "eval/base/evaluated_tasks": 0.0, "eval/ft/wall_s": 90.1,
+               "eval/ft/cached_tasks": 0.0, "eval/ft/evaluated_tasks": 84.0}
+    out = report([held, timings], rows, out_dir=tmp_path, verdict=gate)
     by_name = {r["measure"]: r for r in out["rows"]}
     assert list(by_name) == ["held-out exact_match", "mmlu acc", "mmlu_other acc", "mmlu_stem acc"]
     assert by_name["mmlu acc"]["delta"] == -30 / 80 and by_name["mmlu acc"]["n"] == 80
@@ -28,6 +31,8 @@ def test_report_rows_carry_base_ft_delta_ci_and_the_verdict(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "| held-out exact_match | 0.250 | 0.900 | +0.650 | [+0.500, +0.800] | 1e-06 | 40 |  |" in md
     assert "**Promotion gate (ft, point): FAILED**" in md and "- FAIL: mmlu forgetting" in md
+    assert ("Evaluation wall time: held-out 12 s, benchmarks 95 s (base 0 s, 84/84 tasks cached; "
+            "ft 90 s, 0/84 tasks cached)") in md
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["rows"] == out["rows"] and saved["gate"]["passed"] is False
 
