@@ -56,7 +56,6 @@ def _bbh_rows(src: Path, subtask: str, split: str) -> list[dict]:
 @dataclass(frozen=True)
 class Benchmark:
     folder: str  # under data.root
-    metric: str  # lm-eval metric name for items and aggregates
     subtasks: Callable[[Path], list[str]]
     rows: Callable[[Path, str, str], list[dict]]
     stock_yaml: str  # under lm_eval/tasks, {sub} = subtask
@@ -71,8 +70,8 @@ _STRIPPED = {"filter_list": [{"name": "strip", "filter": [{"function": "remove_w
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "mmlu": Benchmark("mmlu", "acc", _mmlu_subtasks, _mmlu_rows, "mmlu/default/mmlu_{sub}.yaml", ("dev",)),
-    "bbh": Benchmark("bbh", "exact_match", _bbh_subtasks, _bbh_rows, "bbh/fewshot/{sub}.yaml", scoring=_STRIPPED),
+    "mmlu": Benchmark("mmlu", _mmlu_subtasks, _mmlu_rows, "mmlu/default/mmlu_{sub}.yaml", ("dev",)),
+    "bbh": Benchmark("bbh", _bbh_subtasks, _bbh_rows, "bbh/fewshot/{sub}.yaml", scoring=_STRIPPED),
 }
 
 
@@ -156,12 +155,19 @@ def per_item(result: dict, task: EvalTask) -> Iterator[dict]:
                        "score": float(s[metric]), "prompt": s["arguments"][0][0]}
 
 
+def precision() -> str:
+    """As training and held-out generation: bf16 where a GPU supports it, float32 otherwise."""
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
 def run_lm_eval(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig, trust_remote_code: bool) -> dict:
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    model_args = {"pretrained": model["path"], "dtype": "float32", "trust_remote_code": trust_remote_code}
+    model_args = {"pretrained": model["path"], "dtype": precision(), "trust_remote_code": trust_remote_code}
     if model.get("adapter"):
         model_args["peft"] = model["adapter"]
     if model.get("tokenizer"):
@@ -202,7 +208,8 @@ def result_key(model: dict, task: EvalTask, cfg: EvalConfig) -> str | None:
         return None
     return cache.key("lm-eval", ITEMS_FORMAT, lm_eval_version(), model["digest"],
                      _tokenizer_digest(model.get("tokenizer") or model["path"]), task.fingerprint,
-                     {"chat": cfg.apply_chat_template, "seed": cfg.seed, "tasks_limit": cfg.tasks_limit})
+                     {"chat": cfg.apply_chat_template, "seed": cfg.seed, "tasks_limit": cfg.tasks_limit,
+                      "dtype": precision()})
 
 
 def evaluate_model(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig,
