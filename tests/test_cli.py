@@ -51,3 +51,28 @@ def test_eval_runs_only_the_sweep_for_a_model_and_tracks_it(tiny_model):
 def test_eval_names_a_model_that_does_not_exist():
     result = runner.invoke(app, ["eval", "configs/smoke.yaml", "--model", "no/such-model"])
     assert result.exit_code == 1 and "no/such-model" in result.output and "offline" in result.output
+
+
+def test_eval_takes_a_lora_adapter_folder_on_the_configs_base(tmp_path, tiny_model):
+    from mlflow.tracking import MlflowClient
+    from peft import LoraConfig, get_peft_model
+
+    from sftflow.models import load_causal_lm
+    from sftflow.tasks.benchmarks import sweep_models
+
+    # A fresh LoRA adapter: B starts at zero, so it computes exactly what the base computes.
+    peft_model = get_peft_model(load_causal_lm(tiny_model), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    models = sweep_models(str(tmp_path / "adapter"), tiny_model, offline=True, baseline=True)
+    assert models["model"] == {"path": tiny_model, "adapter": str(tmp_path / "adapter"), "tokenizer": tiny_model}
+    args = ["eval", "configs/smoke.yaml", "--model", str(tmp_path / "adapter"), "--baseline",
+            "--set", f"model.base={tiny_model}", "--set", "eval.mmlu.subtasks=[virology]",
+            "--set", "eval.bbh.enabled=false", "--set", "tracking.experiment=cli-eval-adapter"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    [parent] = client.search_runs([client.get_experiment_by_name("cli-eval-adapter").experiment_id],
+                                  "tags.mlflow.runName LIKE 'smoke-eval-%'")
+    m = parent.data.metrics
+    assert m["eval/model/evaluated_tasks"] == 1  # an adapter has no digest: evaluated, never cached
+    assert m["forgetting/model/mmlu/delta"] == 0.0 and m["eval/model/mmlu/acc"] == m["eval/base/mmlu/acc"]
