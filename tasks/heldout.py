@@ -72,9 +72,11 @@ def label_report(predictions: list[str], labels: list[str]) -> dict:
 
 
 def side_by_side(rows: list[dict], tags: list[str], limit: int) -> str:
-    """A few prompts with the reference and each model's generation, for reading rather than scoring."""
+    """A few prompts with the reference and each model's generation, for reading rather than scoring;
+    records where the models disagree come first."""
     out = ["# Held-out generations, side by side", ""]
-    for row in rows[:limit]:
+    disagree_first = sorted(rows, key=lambda r: len({r[f"{t}_prediction"] for t in tags}) == 1)
+    for row in disagree_first[:limit]:
         out += [f"## {row['id']} ({row['source']})", "", "```text", row["prompt"][-1500:], "```", "",
                 f"- reference: `{row['reference']}`"]
         out += [f"- {tag}: `{row[f'{tag}_prediction']}`" if row[f"{tag}_prediction"] else f"- {tag}: (empty)"
