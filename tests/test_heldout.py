@@ -70,3 +70,12 @@ def test_macro_f1_matches_sklearn_and_its_delta_ci_brackets_the_point_estimate()
     delta = stats.macro_f1(truth, ft, 3) - stats.macro_f1(truth, base, 3)
     low, high = stats.macro_f1_delta_ci(truth, base, ft, 3, iters=500)
     assert 0 < low < delta < high
+
+
+def test_side_by_side_shows_disagreements_first():
+    from sftflow.tasks.heldout import side_by_side
+
+    rows = [{"id": f"r{i}", "source": "s", "prompt": f"p{i}", "reference": "POS", "base_prediction": b,
+             "ft_prediction": f} for i, (b, f) in enumerate([("POS", "POS"), ("", "POS"), ("NEG", "NEG")])]
+    md = side_by_side(rows, ["base", "ft"], limit=2)
+    assert md.index("## r1") < md.index("## r0") and "## r2" not in md and "- base: (empty)" in md
