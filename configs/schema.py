@@ -159,6 +159,7 @@ class HeldoutConfig(Section):
     max_new_tokens: Positive = 8
     batch_size: Positive = 16
     limit: Positive | None = Field(None, description="score at most this many test records")
+    examples: int = Field(8, ge=0, description="side-by-side generations written to examples.md")
 
 
 class BenchmarkConfig(Section):
@@ -172,8 +173,25 @@ class EvalConfig(Section):
     heldout: HeldoutConfig = HeldoutConfig()
     mmlu: BenchmarkConfig = BenchmarkConfig(num_fewshot=5)
     bbh: BenchmarkConfig = BenchmarkConfig(num_fewshot=3)
+    tasks: list[str] = Field([], description="stock lm-eval task or group names (need the hub: offline: false)")
+    tasks_limit: Positive | None = Field(None, description="items per stock task (lm-eval's own first-n limit)")
+    apply_chat_template: bool = Field(False, description="lm-eval prompts through the base model's chat template")
     batch_size: Positive = 8
     seed: int = 1234
+    bootstrap_iters: Positive = Field(2000, description="paired bootstrap resamples for the 95% CIs")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of the paired tests")
+
+
+class GateConfig(Section):
+    """Promotion verdict: the fine-tuned model must gain on its task without forgetting too much."""
+
+    target: Literal["label_acc", "exact_match", "macro_f1"] = "label_acc"
+    min_gain: float = Field(0.05, description="held-out fine-tuned minus base must be at least this")
+    max_forgetting: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
+        {"mmlu": 0.05, "bbh": 0.05}, description="per benchmark: the largest drop (base minus fine-tuned) allowed")
+    bound: Literal["point", "ci"] = Field(
+        "point", description="judge the point estimates, or (ci) the pessimistic end of each 95% CI")
+    model: str = Field("ft", description="which evaluated model is judged (ft, or e.g. ft_best)")
 
 
 class TrackingConfig(Section):
@@ -190,6 +208,7 @@ class PipelineConfig(Section):
     template: TemplateConfig = TemplateConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @property

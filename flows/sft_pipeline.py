@@ -1,4 +1,4 @@
-"""The SFT recipe: model -> load -> curate -> split -> template -> train -> evaluate -> report.
+"""The SFT recipe: model -> load -> curate -> split -> template -> train -> evaluate -> gate -> report.
 
 Each step is a Prefect task wrapping a plain function in tasks/; each runs in its own child MLflow
 run under one parent run per flow run, and writes into this flow run's own directory.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlflow
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from sftflow import env
@@ -16,6 +16,7 @@ from sftflow.configs.schema import PipelineConfig
 from sftflow.tasks.benchmarks import benchmarks_task
 from sftflow.tasks.curate import curate_task
 from sftflow.tasks.decontam import targets as decontam_targets
+from sftflow.tasks.gate import gate_task
 from sftflow.tasks.heldout import heldout_task
 from sftflow.tasks.load import load_task
 from sftflow.tasks.model import model_task
@@ -66,15 +67,19 @@ def sft_pipeline(config: PipelineConfig) -> dict:
         tokens = template_task(ctx, splits["paths"], base["path"], config.template, trust_remote_code=trust)
         trained = train_task(ctx, tokens["paths"], base["path"], config.train, trust_remote_code=trust)
 
-        # 6. evaluate base and fine-tuned: specialisation on held-out data, forgetting on benchmarks
-        models = {"base": {"path": base["path"]},
-                  "ft": {"path": trained["model_path"], "adapter": trained["adapter_path"]}}
+        # 6. evaluate every model against the base: specialisation on held-out data, forgetting on
+        #    benchmarks (the base's benchmark results are cached across runs), then the promotion gate
+        models = {"base": {"path": base["path"], "digest": base["digest"], "tokenizer": base["path"]},
+                  "ft": {"path": trained["model_path"], "adapter": trained["adapter_path"], "tokenizer": base["path"]}}
         held = heldout_task(ctx, splits["paths"]["test"], models, config.eval.heldout,
-                            system_prompt=config.template.system_prompt, trust_remote_code=trust)
+                            system_prompt=config.template.system_prompt, trust_remote_code=trust,
+                            bootstrap_iters=config.eval.bootstrap_iters, seed=config.eval.seed)
         bench = benchmarks_task(ctx, models, config.eval, config.data.root, trust_remote_code=trust)
+        verdict = gate_task(ctx, [held["metrics"], bench["metrics"]], config.gate)
 
         # 7. report
-        summary = report_task(ctx, [held["metrics"], bench["metrics"]])
+        forgetting = bench.get("forgetting", {}).get("ft", [])
+        summary = report_task(ctx, [held["metrics"], bench["metrics"]], forgetting, verdict=verdict)
 
     create_markdown_artifact(
         key="sftflow-summary",
@@ -82,5 +87,9 @@ def sft_pipeline(config: PipelineConfig) -> dict:
                   f"(experiment `{config.tracking.experiment}`, tracking URI `{mlflow.get_tracking_uri()}`)\n\n"
                   f"Run directory: `{ctx.run_dir}`\n\n{summary['markdown']}\n"),
         description="base vs fine-tuned summary and the MLflow run of this flow run")
+    if forgetting:
+        create_table_artifact(key="sftflow-forgetting", table=forgetting,
+                              description="fine-tuned minus base per benchmark, category and subtask (95% CIs)")
     return {"mlflow_run_id": ctx.parent_run_id, "run_dir": ctx.run_dir, "rows": summary["rows"],
-            "experiment_id": ctx.experiment_id}
+            "experiment_id": ctx.experiment_id, "gate": {"passed": verdict["passed"], "reasons": verdict["reasons"]},
+            "eval_timing": summary["timing"]}

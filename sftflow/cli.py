@@ -32,12 +32,14 @@ def _load(config: Path, overrides: list[str] | None):
 
 def print_summary(rows: list[dict], title: str) -> None:
     table = Table(title=title)
-    for col in ("measure", "base", "fine-tuned", "delta", "n"):
-        table.add_column(col, justify="left" if col == "measure" else "right")
+    for col in ("measure", "base", "fine-tuned", "delta", "95% CI", "p", "n", ""):
+        table.add_column(col, justify="left" if col in ("measure", "") else "right")
     for r in rows:
         colour = "green" if r["delta"] > 0 else "red" if r["delta"] < 0 else "white"
+        ci = "" if r.get("ci_low") is None else f"[{r['ci_low']:+.3f},{r['ci_high']:+.3f}]"
+        p = "" if r.get("p_value") is None else f"{r['p_value']:.3g}"
         table.add_row(r["measure"], f"{r['base']:.3f}", f"{r['fine-tuned']:.3f}",
-                      f"[{colour}]{r['delta']:+.3f}[/{colour}]", str(r["n"]))
+                      f"[{colour}]{r['delta']:+.3f}[/{colour}]", ci, p, str(r["n"]), r.get("flag", ""))
     console.print(table)
 
 
@@ -62,6 +64,10 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
         console.print(f"[red]sftflow run failed: {exc}[/red]")
         raise typer.Exit(1) from None
     print_summary(result["rows"], f"sftflow {cfg.name}: base vs fine-tuned")
+    gate = result["gate"]
+    console.print(f"promotion gate: {'[green]passed' if gate['passed'] else '[red]failed'}[/] "
+                  f"({'; '.join(gate['reasons'])})")
+    console.print(result["eval_timing"])
     console.print(f"wall time {time.perf_counter() - start:.0f} s; run dir {result['run_dir']}")
     console.print(f"MLflow run {result['mlflow_run_id']} in {os.environ['MLFLOW_TRACKING_URI']}\n"
                   f"  browse: mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1\n"
@@ -89,6 +95,59 @@ def curate(config: ConfigArg, set_: SetOpt = None) -> None:
     console.print(Markdown(result["report_md"]))
     console.print(f"splits: {', '.join(result['paths'].values())}\nMLflow run {result['mlflow_run_id']}",
                   soft_wrap=True)  # paths stay whole, to copy
+
+
+@app.command("eval")
+def eval_(config: ConfigArg,
+          model: Annotated[str, typer.Option("--model", "-m", help="registry alias, model folder, LoRA adapter "
+                                             "folder (on the config's model.base), .gguf file or hub id")],
+          baseline: Annotated[bool, typer.Option(help="also sweep the config's model.base (cached) and report "
+                                                      "forgetting with CIs")] = False,
+          set_: SetOpt = None) -> None:
+    """Run only the benchmark sweep (eval.mmlu, eval.bbh, eval.tasks) for one model, tracked in MLflow."""
+    import uuid
+
+    from sftflow import env
+
+    cfg = _load(config, set_)
+    state = env.configure(cfg.offline)
+    from sftflow.models import ModelError
+    from sftflow.tasks.benchmarks import benchmarks, sweep_models
+    from sftflow.tracking import parent_run, run_stage
+
+    try:
+        models = sweep_models(model, cfg.model.base, cfg.offline, baseline)
+        with parent_run(cfg, state, "none (sftflow eval)", f"eval-{uuid.uuid4().hex[:8]}") as ctx:
+            result = run_stage("benchmarks", benchmarks, ctx, models, cfg.eval, cfg.data.root,
+                               trust_remote_code=cfg.model.trust_remote_code)
+    except (ModelError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]sftflow eval failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    print_sweep(result, list(models), f"sftflow eval {model}")
+    console.print(f"run dir {ctx.run_dir}; MLflow run {ctx.parent_run_id}; "
+                  "lm-eval wall time " + ", ".join(f"{t} {result['metrics'][f'eval/{t}/wall_s']:.0f} s "
+                                                   f"({result['metrics'][f'eval/{t}/cached_tasks']:.0f} tasks cached)"
+                                                   for t in models))
+
+
+def print_sweep(result: dict, tags: list[str], title: str) -> None:
+    """Benchmark and category scores per model; with a base, the forgetting columns too."""
+    compared = {r["name"]: r for r in result.get("forgetting", {}).get("model", []) if r["scope"] != "subtask"}
+    table = Table(title=title)
+    for col in ("measure", *tags, *(("delta", "95% CI", "p", "") if compared else ())):
+        table.add_column(col, justify="left" if col in ("measure", "") else "right")
+    for name in sorted(result["metrics"]):
+        parts = name.split("/")  # eval/model/<benchmark or category>/<metric>
+        if parts[:2] != ["eval", "model"] or len(parts) != 4 or parts[3] in ("n", "wall_s"):
+            continue
+        measure = "/".join(parts[2:])
+        row = [measure] + [f"{result['metrics'][f'eval/{t}/{measure}']:.3f}" for t in tags]
+        if parts[2] in compared:
+            fg = compared[parts[2]]
+            row += [f"{fg['delta']:+.3f}", f"[{fg['ci_low']:+.3f},{fg['ci_high']:+.3f}]", f"{fg['p_value']:.3g}",
+                    "significant drop" if fg["significant_drop"] else ""]
+        table.add_row(*row)
+    console.print(table)
 
 
 @app.command("config")

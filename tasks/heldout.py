@@ -1,18 +1,23 @@
 """Stage 6a: specialisation on the held-out test split, base vs fine-tuned.
 
 Greedy generation with the training chat template; scored by exact match on the reference and by
-label accuracy (first line, case and trailing punctuation ignored).
+label accuracy (first line, case and trailing punctuation ignored), plus macro-F1 and a confusion
+table when records carry labels. Deltas vs the base come with 95% paired-bootstrap CIs.
 """
 
 from __future__ import annotations
 
 import json
 import time
+
+import numpy as np
 from pathlib import Path
 
+from sftflow import stats
 from sftflow.configs.schema import HeldoutConfig
 from sftflow.models import load_causal_lm, load_tokenizer
 from sftflow.records import prompt_messages, read_jsonl, reference, write_jsonl
+from sftflow.tasks.forgetting import delta_prefix
 from sftflow.tasks.template import render, with_system
 from sftflow.tracking import stage_task
 
@@ -42,38 +47,90 @@ def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, b
     return [out[i] for i in range(len(texts))]
 
 
+def correct(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Per-record 0/1 scores: exact match on the reference, and label match after normalisation."""
+    return {"exact_match": [float(p == r.strip()) for p, r in zip(predictions, references)],
+            "label_acc": [float(normalise_label(p) == normalise_label(r)) for p, r in zip(predictions, references)]}
+
+
 def score(predictions: list[str], references: list[str]) -> dict[str, float]:
     n = len(references) or 1
-    return {"exact_match": sum(p == r.strip() for p, r in zip(predictions, references)) / n,
-            "label_acc": sum(normalise_label(p) == normalise_label(r) for p, r in zip(predictions, references)) / n}
+    return {name: sum(v) / n for name, v in correct(predictions, references).items()}
+
+
+def label_report(predictions: list[str], labels: list[str]) -> dict:
+    """Macro-F1 over the reference labels and a confusion table (predictions outside them: `<other>`)."""
+    classes = sorted({normalise_label(label) for label in labels})
+    columns = classes + ["<other>"]
+    ids = {name: i for i, name in enumerate(classes)}
+    truth = np.array([ids[normalise_label(label)] for label in labels])
+    pred = np.array([ids.get(normalise_label(p), -1) for p in predictions])
+    matrix = [[int(np.sum((truth == i) & (pred == (j if j < len(classes) else -1)))) for j in range(len(columns))]
+              for i in range(len(classes))]
+    return {"macro_f1": float(stats.macro_f1(truth, pred, len(classes))), "truth": truth, "pred": pred,
+            "confusion": {"labels": classes, "predicted": columns, "matrix": matrix}}
+
+
+def side_by_side(rows: list[dict], tags: list[str], limit: int) -> str:
+    """A few prompts with the reference and each model's generation, for reading rather than scoring;
+    records where the models disagree come first."""
+    out = ["# Held-out generations, side by side", ""]
+    disagree_first = sorted(rows, key=lambda r: len({r[f"{t}_prediction"] for t in tags}) == 1)
+    for row in disagree_first[:limit]:
+        out += [f"## {row['id']} ({row['source']})", "", "```text", row["prompt"][-1500:], "```", "",
+                f"- reference: `{row['reference']}`"]
+        out += [f"- {tag}: `{row[f'{tag}_prediction']}`" if row[f"{tag}_prediction"] else f"- {tag}: (empty)"
+                for tag in tags]
+        out.append("")
+    return "\n".join(out)
 
 
 def heldout(test_path: str, models: dict[str, dict], cfg: HeldoutConfig, out_dir: Path,
-            system_prompt: str | None = None, trust_remote_code: bool = False) -> dict:
-    """models: {"base": {"path", "adapter"}, "ft": {...}} -> per-model scores and a predictions file."""
+            system_prompt: str | None = None, trust_remote_code: bool = False, bootstrap_iters: int = 2000,
+            seed: int = 0) -> dict:
+    """models: {"base": {"path", "adapter"}, "ft": {...}, ...} -> per-model scores, deltas vs base with 95% CIs,
+    macro-F1 and confusion tables for labelled data, predictions and side-by-side examples."""
     records = list(read_jsonl(Path(test_path)))[: cfg.limit]
     if not records:
         raise ValueError(f"{test_path}: the test split is empty; raise split.test_ratio or add data")
     refs = [reference(r) for r in records]
+    labelled = all(r.get("label") is not None for r in records)
     prompts = [with_system(prompt_messages(r), system_prompt) for r in records]
-    metrics, preds = {"heldout/records": len(records)}, {}
+    metrics, preds, per_record, labels, confusion = {"heldout/records": len(records)}, {}, {}, {}, {}
     for tag, spec in models.items():
         tok = load_tokenizer(spec.get("adapter") or spec["path"], trust_remote_code)
         model = load_causal_lm(spec["path"], trust_remote_code, adapter=spec.get("adapter")).eval()
         start = time.perf_counter()
         preds[tag] = generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
         metrics[f"heldout/{tag}/wall_s"] = time.perf_counter() - start
-        for name, value in score(preds[tag], refs).items():
-            metrics[f"heldout/{tag}/{name}"] = value
+        per_record[tag] = correct(preds[tag], refs)
+        for name, values in per_record[tag].items():
+            metrics[f"heldout/{tag}/{name}"] = sum(values) / len(values)
+        if labelled:
+            labels[tag] = label_report(preds[tag], refs)
+            metrics[f"heldout/{tag}/macro_f1"] = labels[tag]["macro_f1"]
+            confusion[tag] = labels[tag]["confusion"]
         del model
-    if {"base", "ft"} <= preds.keys():
-        for name in ("exact_match", "label_acc"):
-            metrics[f"heldout/delta/{name}"] = metrics[f"heldout/ft/{name}"] - metrics[f"heldout/base/{name}"]
-    rows = [{"id": r["id"], "source": r["source"], "reference": ref, **{f"{t}_prediction": p[i] for t, p in preds.items()}}
+    for tag in (t for t in preds if t != "base" and "base" in preds):
+        prefix = delta_prefix("heldout/delta", tag)
+        for name in per_record[tag]:
+            result = stats.compare(per_record["base"][name], per_record[tag][name], bootstrap_iters, seed=seed)
+            metrics.update({f"{prefix}/{name}": result["delta"], f"{prefix}/{name}/ci_low": result["ci_low"],
+                            f"{prefix}/{name}/ci_high": result["ci_high"], f"{prefix}/{name}/p_value": result["p_value"]})
+        if labelled:
+            base, ft = labels["base"], labels[tag]
+            low, high = stats.macro_f1_delta_ci(base["truth"], base["pred"], ft["pred"], len(confusion[tag]["labels"]),
+                                                bootstrap_iters, seed=seed)
+            metrics.update({f"{prefix}/macro_f1": ft["macro_f1"] - base["macro_f1"], f"{prefix}/macro_f1/ci_low": low,
+                            f"{prefix}/macro_f1/ci_high": high})
+    rows = [{"id": r["id"], "source": r["source"], "prompt": prompts[i][-1]["content"], "reference": ref,
+             **{f"{t}_prediction": p[i] for t, p in preds.items()}}
             for i, (r, ref) in enumerate(zip(records, refs))]
     write_jsonl(out_dir / "predictions.jsonl", rows)
-    (out_dir / "heldout.json").write_text(json.dumps(metrics, indent=2))
-    return {"metrics": metrics, "artifacts": [out_dir / "predictions.jsonl", out_dir / "heldout.json"]}
+    (out_dir / "examples.md").write_text(side_by_side(rows, list(preds), cfg.examples))
+    (out_dir / "heldout.json").write_text(json.dumps({"metrics": metrics, "confusion": confusion}, indent=2))
+    return {"metrics": metrics, "confusion": confusion,
+            "artifacts": [out_dir / "predictions.jsonl", out_dir / "heldout.json", out_dir / "examples.md"]}
 
 
 heldout_task = stage_task(heldout, "heldout")

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from sftflow.configs.schema import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"load", "curate", "split", "model", "template", "train", "heldout", "benchmarks", "report"}
+STAGES = {"load", "curate", "split", "model", "template", "train", "heldout", "benchmarks", "gate", "report"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,9 @@ def test_mlflow_records_a_parent_run_with_a_child_per_stage(smoke_run):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.info.run_name for c in children} == STAGES
     for name in ("eval/base/mmlu/acc", "eval/ft/bbh/exact_match", "forgetting/mmlu/delta", "heldout/ft/exact_match",
+                 "forgetting/mmlu/ci_low", "forgetting/mmlu/ci_high", "forgetting/bbh/p_value",
+                 "forgetting/mmlu_stem/delta", "forgetting/mmlu/anatomy/delta", "eval/ft/mmlu_other/acc",
+                 "heldout/delta/label_acc/ci_low", "heldout/ft/macro_f1", "gate/passed",
                  "train/final_loss", "curate/kept", "split/train", "load/records", "template/train/trained_share"):
         assert name in parent.data.metrics, name
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["config.yaml"]
@@ -50,10 +53,15 @@ def test_mlflow_records_a_parent_run_with_a_child_per_stage(smoke_run):
     assert {"curation_report.json", "curation_report.md"} <= split_artifacts
     assert sorted(i.dataset.name for i in client.get_run(by_name["split"].info.run_id).inputs.dataset_inputs) == \
         ["test", "train", "val"]
-    expected = {"split": "manifest.json", "curate": "curation_counts.json", "train": "training_curves.png",
-                "benchmarks": "benchmarks.json", "report": "summary.json"}
-    for stage, artifact in expected.items():
-        assert artifact in {a.path for a in client.list_artifacts(by_name[stage].info.run_id)}, stage
+    expected = {"split": ["manifest.json"], "curate": ["curation_counts.json"], "train": ["training_curves.png"],
+                "benchmarks": ["benchmarks.json", "forgetting.json", "forgetting_ft.md", "forgetting_ft.png"],
+                "heldout": ["predictions.jsonl", "examples.md", "heldout.json"], "gate": ["gate.json"],
+                "report": ["summary.json", "summary.md"]}
+    for stage, artifacts in expected.items():
+        assert set(artifacts) <= {a.path for a in client.list_artifacts(by_name[stage].info.run_id)}, stage
+    verdict = "passed" if result["gate"]["passed"] else "failed"
+    assert parent.data.tags["sftflow.gate"] == by_name["gate"].data.params["gate.verdict"] == verdict
+    assert parent.data.metrics["gate/passed"] == float(result["gate"]["passed"]) and result["gate"]["reasons"]
     adapter = {a.path for a in client.list_artifacts(by_name["train"].info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in adapter
     assert len(client.get_metric_history(by_name["train"].info.run_id, "train/loss")) >= 2
@@ -69,8 +77,10 @@ def test_counts_add_up_and_summary_covers_every_measure(smoke_run):
                                                                  "contaminated"))
     assert m["template/train/records"] + m["template/val/records"] + m["template/rejected"] == \
         m["split/train"] + m["split/val"]
-    assert {r["measure"] for r in result["rows"]} == {"held-out exact_match", "held-out label_acc", "mmlu acc",
-                                                      "bbh exact_match"}
+    assert {r["measure"] for r in result["rows"]} == {"held-out exact_match", "held-out label_acc", "held-out macro_f1",
+                                                      "mmlu acc", "mmlu_stem acc", "mmlu_other acc", "bbh exact_match"}
+    assert all(r["ci_low"] <= r["delta"] <= r["ci_high"] for r in result["rows"])
+    assert result["eval_timing"].startswith("Evaluation wall time: held-out") and "tasks cached" in result["eval_timing"]
     assert Path(result["run_dir"], "report", "summary.md").exists()
 
 
@@ -84,18 +94,21 @@ def test_prefect_knows_the_run_and_its_mlflow_link(smoke_run):
         artifacts = client.read_artifacts()
     assert run.state.is_completed()
     summary = [a for a in artifacts if a.key == "sftflow-summary" and a.flow_run_id == flow_run_id]
-    assert summary and result["mlflow_run_id"] in summary[0].data
     curation = [a for a in artifacts if a.key == "sftflow-curation" and a.flow_run_id == flow_run_id]
     assert curation and "records in" in curation[0].data
+    assert summary and result["mlflow_run_id"] in summary[0].data and "Promotion gate" in summary[0].data
+    forgetting = [a for a in artifacts if a.key == "sftflow-forgetting" and a.flow_run_id == flow_run_id]
+    assert forgetting and forgetting[0].type == "table" and "mmlu/anatomy" in forgetting[0].data
 
 
 @pytest.mark.e2e
-def test_each_flow_run_gets_its_own_directory(smoke_run, data_root):
+def test_a_second_run_gets_its_own_directory_and_reuses_the_base_results(smoke_run, data_root):
     from sftflow.flows.sft_pipeline import sft_pipeline
 
     cfg, first, _ = smoke_run
-    cheap = cfg.model_copy(deep=True)
-    cheap.eval.mmlu.enabled = cheap.eval.bbh.enabled = False
-    second = sft_pipeline(config=cheap)
+    second = sft_pipeline(config=cfg)
     assert second["run_dir"] != first["run_dir"] and Path(first["run_dir"], "train", "adapter").exists()
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    m = MlflowClient().get_run(second["mlflow_run_id"]).data.metrics
+    assert m["eval/base/cached_tasks"] == 4 and m["eval/base/evaluated_tasks"] == 0 and m["eval/base/wall_s"] == 0
+    assert m["eval/ft/evaluated_tasks"] == 4  # the fine-tuned model is new in every run

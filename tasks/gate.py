@@ -1,0 +1,74 @@
+"""Promotion verdict: does the fine-tuned model gain on its task without forgetting too much?
+
+`verdict(metrics, cfg)` is a plain function over the run's flat metrics (the held-out and benchmark
+stages' names); the stage writes gate.json, logs `gate/passed` (1.0/0.0) and tags the run and its
+parent `sftflow.gate=passed|failed` so the registry step and the MLflow UI can act on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sftflow.configs.schema import GateConfig
+from sftflow.tasks.forgetting import delta_prefix
+from sftflow.tracking import stage_task
+
+
+def _check(name: str, metrics: dict, keys: tuple[str, str], bound: str, threshold: float, what: str) -> dict:
+    """One requirement `value >= threshold`; keys = (point delta, CI lower end), chosen by `bound`."""
+    field = keys[0] if bound == "point" else keys[1]
+    value = metrics.get(field)
+    if value is None:
+        return {"check": name, "metric": field, "value": None, "threshold": threshold, "passed": False,
+                "reason": f"{name}: not measured ({field} missing)"}
+    passed = value >= threshold
+    shown = "delta" if bound == "point" else "CI lower bound"
+    reason = f"{what}: {shown} {value:+.4f} {'>=' if passed else '<'} {threshold:+.4f}"
+    return {"check": name, "metric": field, "value": value, "threshold": threshold, "passed": passed,
+            "reason": reason}
+
+
+def verdict(metrics: dict, cfg: GateConfig) -> dict:
+    """{"passed": bool, "reasons": [str], "checks": [...], "model": tag, "bound": ...}.
+
+    Passes when the held-out gain of `cfg.target` is at least `min_gain` and, for every benchmark in
+    `max_forgetting`, fine-tuned minus base is at least `-max_drop`. A requirement that was not measured
+    fails: a verdict never rests on a benchmark that was switched off.
+    """
+    gain = f"{delta_prefix('heldout/delta', cfg.model)}/{cfg.target}"
+    checks = [_check("gain", metrics, (gain, f"{gain}/ci_low"), cfg.bound, cfg.min_gain,
+                     f"held-out {cfg.target} gain")]
+    for bench, max_drop in cfg.max_forgetting.items():
+        prefix = f"{delta_prefix('forgetting', cfg.model)}/{bench}"
+        checks.append(_check(f"forgetting:{bench}", metrics, (f"{prefix}/delta", f"{prefix}/ci_low"), cfg.bound,
+                             -max_drop, f"{bench} forgetting"))
+    return {"passed": all(c["passed"] for c in checks), "reasons": [c["reason"] for c in checks],
+            "checks": checks, "model": cfg.model, "bound": cfg.bound}
+
+
+def _tag_runs(passed: bool) -> None:
+    """Tag the gate's MLflow run and its parent (the flow run), when there is an active run."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    value = "passed" if passed else "failed"
+    mlflow.set_tag("sftflow.gate", value)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if parent:
+        mlflow.MlflowClient().set_tag(parent, "sftflow.gate", value)
+
+
+def gate(metric_sets: list[dict], cfg: GateConfig, out_dir: Path) -> dict:
+    result = verdict({k: v for m in metric_sets for k, v in m.items()}, cfg)
+    (out_dir / "gate.json").write_text(json.dumps(result, indent=2))
+    _tag_runs(result["passed"])
+    return {**result, "metrics": {"gate/passed": float(result["passed"])},
+            "params": {"gate.verdict": "passed" if result["passed"] else "failed",
+                       "gate.reasons": " | ".join(result["reasons"])},
+            "artifacts": [out_dir / "gate.json"]}
+
+
+gate_task = stage_task(gate, "gate")
