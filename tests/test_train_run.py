@@ -2,25 +2,25 @@
 and `accelerate launch` with 2 CPU processes (DDP over gloo), all on the tiny model."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 from conftest import make_record
+from prefect.states import Failed
 from safetensors.torch import load_file
 
 from sftflow import cache
 from sftflow.configs.schema import ConfigError, TemplateConfig, TrainConfig, load_config
-from sftflow.launch import RESULT, accelerate_command, write_spec
+from sftflow.launch import RESULT, WorkerDied, accelerate_command
 from sftflow.records import write_jsonl
 from sftflow.tasks.template import template
 from sftflow.tasks.train import train
-from sftflow.tasks.train_run import run_training, training_key
+from sftflow.tasks.train_run import _retry_if_worker_died, run_training, training_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,41 +91,55 @@ RESUME_CFG = dict(method="lora", lora={"r": 4, "alpha": 8}, learning_rate=5e-3, 
 
 
 @pytest.mark.slow
-def test_training_killed_with_sigkill_resumes_when_rerun(tmp_path, tokens, tiny_model):
-    cfg = TrainConfig(**RESUME_CFG)
-    key = training_key(tokens, tiny_model, cfg)
+def test_training_killed_with_sigkill_resumes_when_retried_or_rerun(tmp_path, tokens, tiny_model):
+    launched = TrainConfig(**RESUME_CFG, launcher={"kind": "accelerate"})
+    key = training_key(tokens, tiny_model, launched)
     work = cache.entry("train", key)
-    job = {"token_paths": tokens, "model_path": tiny_model, "trust_remote_code": False, "out_dir": str(work)}
-    # The training process the stage would run, in its content-keyed folder; killed after its first checkpoint.
-    with mlflow.start_run(run_name="unit-killed") as killed_run:
-        env = {**os.environ, "MLFLOW_RUN_ID": killed_run.info.run_id}
-        proc = subprocess.Popen([sys.executable, "-m", "sftflow.launch", str(write_spec(job, cfg))], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while not list(work.glob("checkpoints/checkpoint-*/trainer_state.json")) and proc.poll() is None:
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL and not (work / RESULT).exists()
+    failed = {}
+
+    def first_attempt():
+        with mlflow.start_run(run_name="unit-killed"):
+            try:
+                run_training(tokens, tiny_model, launched, out_dir=tmp_path / "killed")
+            except WorkerDied as exc:
+                failed["exc"] = exc
+
+    # The stage launches its training worker; SIGKILL it once its first checkpoint is on disk.
+    attempt = threading.Thread(target=first_attempt)
+    attempt.start()
+    deadline = time.time() + 300
+    while not list(work.glob("checkpoints/checkpoint-*/trainer_state.json")):
+        assert attempt.is_alive() and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if "sftflow.launch" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
+    assert len(workers) == 1
+    workers[0].send_signal(signal.SIGKILL)
+    attempt.join()
+    assert isinstance(failed.get("exc"), WorkerDied) and not (work / RESULT).exists()
+    assert _retry_if_worker_died(None, None, Failed(data=failed["exc"]))  # so Prefect retries the task
     done = max(int(p.name.split("-")[1]) for p in work.glob("checkpoints/checkpoint-*"))
     assert done < 40
 
-    with mlflow.start_run(run_name="unit-rerun"):
-        resumed = run_training(tokens, tiny_model, cfg, out_dir=tmp_path / "rerun")
+    # The retry (here in-process: the launcher is not part of the key, so it finds the same folder).
+    cfg = TrainConfig(**RESUME_CFG)
+    assert training_key(tokens, tiny_model, cfg) == key
+    with mlflow.start_run(run_name="unit-retry"):
+        resumed = run_training(tokens, tiny_model, cfg, out_dir=tmp_path / "retry")
     with mlflow.start_run(run_name="unit-uninterrupted"):
         straight = train(tokens, tiny_model, cfg, out_dir=tmp_path / "straight")
     m, ref = resumed["metrics"], straight["metrics"]
-    assert 0 < m["train/resumed_from_step"] < 40 and m["train/cache_hit"] == 0
+    assert 0 < m["train/resumed_from_step"] == done and m["train/cache_hit"] == 0
     assert m["train/steps"] == ref["train/steps"] == 40
     assert m["train/final_loss"] == pytest.approx(ref["train/final_loss"], rel=0.01)
     assert m["train/val_loss"] == pytest.approx(ref["train/val_loss"], rel=0.01)
     # Same logged losses before and after the kill: same data order, optimizer and RNG after resuming.
-    logged = {run: {h["step"]: h["loss"] for h in history(tmp_path / run) if "loss" in h} for run in ("rerun", "straight")}
-    assert logged["rerun"] == pytest.approx(logged["straight"], rel=0.01)
+    logged = {run: {h["step"]: h["loss"] for h in history(tmp_path / run) if "loss" in h} for run in ("retry", "straight")}
+    assert logged["retry"] == pytest.approx(logged["straight"], rel=0.01)
     assert Path(resumed["adapter_path"], "adapter_model.safetensors").exists()
     assert not (cache.lookup("train", key) / "checkpoints").exists()  # published without its checkpoints
 
-    # The same training again (a rerun of the flow): a cache hit, nothing trained.
+    # The same training in a later flow run: a cache hit, nothing trained, outputs in its own folder.
     with mlflow.start_run(run_name="unit-hit"):
         hit = run_training(tokens, tiny_model, cfg, out_dir=tmp_path / "hit")
     assert hit["metrics"]["train/cache_hit"] == 1
