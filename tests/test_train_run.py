@@ -15,6 +15,7 @@ from prefect.states import Failed
 from safetensors.torch import load_file
 
 from sftflow import cache
+from sftflow.checkpoints import last_checkpoint
 from sftflow.configs.schema import ConfigError, TemplateConfig, TrainConfig, load_config
 from sftflow.launch import RESULT, WorkerDied, accelerate_command
 from sftflow.records import write_jsonl
@@ -84,6 +85,16 @@ def test_checkpoint_interval_must_fall_on_validation_steps(tmp_path):
             {"path": "x.jsonl"}]}})
     with pytest.raises(ConfigError, match="need kind: accelerate"):
         load_config(None, ["train.launcher.num_processes=2"], base={"data": {"sources": [{"path": "x.jsonl"}]}})
+
+
+def test_a_checkpoint_killed_mid_save_is_never_resumed_from(tmp_path):
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-8").mkdir()  # killed before its trainer state was written
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert last_checkpoint(tmp_path / "absent") is None
 
 
 RESUME_CFG = dict(method="lora", lora={"r": 4, "alpha": 8}, learning_rate=5e-3, max_steps=40, batch_size=4,
