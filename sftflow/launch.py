@@ -8,6 +8,7 @@ reach the stage's MLflow run through MLFLOW_RUN_ID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,11 +76,14 @@ def run_accelerate(job: dict, cfg: TrainConfig) -> dict:
     if mlflow.active_run():
         env["MLFLOW_RUN_ID"] = mlflow.active_run().info.run_id
     # Own process group: if this process is interrupted, no worker is left training on its own.
-    proc = subprocess.Popen(accelerate_command(spec, cfg), env=env, start_new_session=True)
+    # close_fds=False: the launcher inherits the training's lock (tasks/train_run.py), so even if this
+    # process is SIGKILLed, no rerun trains into the same folder while the orphaned workers still run.
+    proc = subprocess.Popen(accelerate_command(spec, cfg), env=env, start_new_session=True, close_fds=False)
     try:
         code = proc.wait()
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         raise
     if code != 0 or not (out_dir / RESULT).exists():
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"

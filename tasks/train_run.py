@@ -52,6 +52,7 @@ def _exclusive(key: str):
     lock.parent.mkdir(parents=True, exist_ok=True)
     with lock.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        os.set_inheritable(fh.fileno(), True)  # launched workers hold it too (sftflow.launch)
         yield
 
 
