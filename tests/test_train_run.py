@@ -173,8 +173,9 @@ def test_accelerate_launch_with_two_cpu_processes_trains_like_one(tmp_path, toke
     m = out["metrics"]
     assert m["train/num_processes"] == 2 and m["train/steps"] == 8
     assert m["train/tokens_seen"] == single["metrics"]["train/tokens_seen"]  # both ranks' tokens are counted
-    assert m["train/final_loss"] == pytest.approx(single["metrics"]["train/final_loss"], rel=0.01)
-    assert m["train/val_loss"] == pytest.approx(single["metrics"]["train/val_loss"], rel=0.01)
+    # Gradients averaged over ranks (and tokens counted across them) = the single-process step.
+    assert m["train/final_loss"] == pytest.approx(single["metrics"]["train/final_loss"], rel=1e-3)
+    assert m["train/val_loss"] == pytest.approx(single["metrics"]["train/val_loss"], rel=1e-3)
     assert Path(out["adapter_path"], "adapter_model.safetensors").exists()
     # Step metrics came back from the workers (rank 0 only: once per step).
     steps = [x.step for x in mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train/loss")]
