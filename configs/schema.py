@@ -127,7 +127,7 @@ class TrainConfig(Section):
         every = self.checkpoint.every_steps
         if every is not None and (self.eval_steps is None or every % self.eval_steps):
             raise ValueError(f"checkpoint.every_steps ({every}) must be a multiple of eval_steps "
-                             f"({self.eval_steps}), so that every checkpoint has a validation loss")
+                             f"({self.eval_steps or 'unset: set it'}), so that every checkpoint has a validation loss")
         return self
 
 

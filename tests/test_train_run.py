@@ -145,7 +145,8 @@ def test_training_killed_with_sigkill_resumes_when_retried_or_rerun(tmp_path, to
     assert m["train/final_loss"] == pytest.approx(ref["train/final_loss"], rel=0.01)
     assert m["train/val_loss"] == pytest.approx(ref["train/val_loss"], rel=0.01)
     # Same logged losses before and after the kill: same data order, optimizer and RNG after resuming.
-    logged = {run: {h["step"]: h["loss"] for h in history(tmp_path / run) if "loss" in h} for run in ("retry", "straight")}
+    logged = {run: {h["step"]: h["loss"] for h in history(tmp_path / run) if "loss" in h}
+              for run in ("retry", "straight")}
     assert logged["retry"] == pytest.approx(logged["straight"], rel=0.01)
     assert Path(resumed["adapter_path"], "adapter_model.safetensors").exists()
     assert not (cache.lookup("train", key) / "checkpoints").exists()  # published without its checkpoints
