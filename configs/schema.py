@@ -138,6 +138,34 @@ class LoraSection(Section):
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
 
 
+# --- how training is run (issue 4, second half): checkpoints, early stopping, launcher ---
+class CheckpointSection(Section):
+    """Checkpoints are what a killed training resumes from and what the best model is chosen among."""
+
+    every_steps: Positive | None = Field(
+        None, description="checkpoint interval; None: at every validation (eval_steps, else once per epoch)")
+    keep: Positive = Field(2, description="most recent checkpoints kept while training (the best is kept too)")
+
+
+class EarlyStoppingSection(Section):
+    patience: Positive | None = Field(
+        None, description="stop after this many validations without improvement; None: off")
+    min_delta: float = Field(0.0, ge=0.0, description="a validation loss must drop by more than this to count")
+
+
+class LauncherSection(Section):
+    kind: Literal["inprocess", "accelerate"] = Field(
+        "inprocess", description="inprocess: in the flow's process; accelerate: `accelerate launch` workers")
+    num_processes: Positive = Field(1, description="data-parallel processes (accelerate only)")
+    config_file: str | None = Field(None, description="accelerate config YAML, e.g. configs/accelerate/fsdp.yaml")
+
+    @model_validator(mode="after")
+    def _accelerate_options(self) -> "LauncherSection":
+        if self.kind == "inprocess" and (self.num_processes > 1 or self.config_file):
+            raise ValueError("num_processes > 1 and config_file need kind: accelerate")
+        return self
+
+
 class TrainConfig(Section):
     method: Literal["lora", "full"] = "lora"
     lora: LoraSection = LoraSection()
@@ -153,6 +181,19 @@ class TrainConfig(Section):
     logging_steps: Positive = 5
     eval_steps: Positive | None = Field(None, description="validation-loss interval; None: once per epoch")
     seed: int = 0
+    # --- how training is run (issue 4, second half) ---
+    checkpoint: CheckpointSection = CheckpointSection()
+    early_stopping: EarlyStoppingSection = EarlyStoppingSection()
+    launcher: LauncherSection = LauncherSection()
+
+    @model_validator(mode="after")
+    def _checkpoints_align_with_validation(self) -> "TrainConfig":
+        # The best model is chosen among saved checkpoints, so checkpoints must fall on validation steps.
+        every = self.checkpoint.every_steps
+        if every is not None and (self.eval_steps is None or every % self.eval_steps):
+            raise ValueError(f"checkpoint.every_steps ({every}) must be a multiple of eval_steps "
+                             f"({self.eval_steps or 'unset: set it'}), so that every checkpoint has a validation loss")
+        return self
 
 
 class HeldoutConfig(Section):

@@ -11,10 +11,10 @@ import resource
 import time
 from pathlib import Path
 
+from sftflow.checkpoints import run_trainer, schedule_args
 from sftflow.configs.schema import TrainConfig
 from sftflow.models import load_causal_lm, load_tokenizer
 from sftflow.records import read_jsonl
-from sftflow.tracking import stage_task
 
 
 def _dataset(path: str):
@@ -51,9 +51,7 @@ def sft_args(cfg: TrainConfig, output_dir: Path, has_eval: bool):
         weight_decay=cfg.weight_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,
-        eval_strategy=("steps" if cfg.eval_steps else "epoch") if has_eval else "no",
-        eval_steps=cfg.eval_steps,
-        save_strategy="no",
+        **schedule_args(cfg, has_eval),  # validation, checkpoints, best model (sftflow.checkpoints)
         report_to="none",  # metrics go to the stage's MLflow run through MlflowStepLogger
         seed=cfg.seed,
         bf16=gpu and torch.cuda.is_bf16_supported(),
@@ -72,6 +70,8 @@ def _step_logger():
         """Trainer logs -> step metrics of the active (train stage) MLflow run, named train/<key>."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
             numeric = {f"train/{k}": float(v) for k, v in (logs or {}).items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
             if numeric:
@@ -113,13 +113,15 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
     total = sum(p.numel() for p in trainer.model.parameters())
 
     start = time.perf_counter()
-    result = trainer.train()
+    result = run_trainer(trainer, cfg)  # resumes from out_dir/checkpoints; early stopping
     wall = time.perf_counter() - start
     final_eval = trainer.evaluate() if val_ds is not None else {}
 
     kind = "adapter" if cfg.method == "lora" else "model"
     save_dir = out_dir / kind
     trainer.save_model(str(save_dir))  # safetensors: adapter_model.safetensors or model.safetensors
+    if not trainer.is_world_process_zero():  # other ranks took part in evaluate() and save_model() only
+        return {}
     tok.save_pretrained(str(save_dir))  # with the chat template the eval stage generates with
     # The Trainer also pickles its arguments there; keep outputs pickle-free and readable instead.
     (save_dir / "training_args.bin").unlink(missing_ok=True)
@@ -150,4 +152,5 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
             "artifacts": [save_dir, out_dir / "log_history.json", out_dir / "training_curves.png"]}
 
 
-train_task = stage_task(train, "train")
+# The stage runs train() through sftflow.launch in a content-keyed work folder (resume, cache).
+from sftflow.tasks.train_run import train_task  # noqa: E402,F401
