@@ -254,7 +254,7 @@ def compare(refs: RefsArg,
     for h in headers:
         table.add_column(h, justify="right")
     for label, values in rows:
-        table.add_row(label, *(cmp.fmt(v) for v in values))
+        table.add_row(label, *(cmp.fmt(v, label) for v in values))
     console.print(table)
     paths = cmp.write_report(runs, out or env.state_dir() / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     console.print(f"report: {paths['markdown']} and {paths['html']}")

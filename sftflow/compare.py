@@ -99,16 +99,17 @@ def table(runs: list[RunView]) -> tuple[list[str], list[tuple[str, list]]]:
     rows += [(f"gain {k[len(GAIN):]}", [r.metrics.get(k) for r in runs]) for k in metric_names if k.startswith(GAIN)]
     rows += [(f"forgetting {k.split('/')[1]}", [r.metrics.get(k) for r in runs])
              for k in metric_names if k.startswith(FORGET) and k.endswith("/delta")]
-    rows += [(k, [r.metrics.get(k) for r in runs]) for k in ("train/final_loss", "train/val_loss")]
+    rows += [(k, [r.metrics.get(k) for r in runs]) for k in ("train/final_loss", "train/val_loss",
+                                                               "train/trainable_params")]
     rows.append(("wall time (s)", [r.wall_s for r in runs]))
     return [r.name for r in runs], rows
 
 
-def fmt(value) -> str:
+def fmt(value, label: str = "") -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:+.4f}" if abs(value) < 1 else f"{value:.1f}"
+        return f"{value:+.4f}" if label.startswith(("gain", "forgetting")) else f"{value:.4g}"
     return str(value)
 
 
@@ -157,11 +158,11 @@ def write_report(runs: list[RunView], out_dir: Path) -> dict[str, Path]:
     ids = " · ".join(f"`{r.name}` = {r.run_id}" for r in runs)
     md = [f"# sftflow comparison ({time.strftime('%Y-%m-%d %H:%M')})", "", ids, "",
           "| | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
-    md += [f"| {label} | " + " | ".join(fmt(v) for v in values) + " |" for label, values in rows]
+    md += [f"| {label} | " + " | ".join(fmt(v, label) for v in values) + " |" for label, values in rows]
     md += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
-    cell = lambda v, tag="td": f"<{tag}>{html.escape(fmt(v) if tag == 'td' else str(v))}</{tag}>"  # noqa: E731
-    body = "".join(f"<tr>{cell(label, 'th')}{''.join(cell(v) for v in values)}</tr>" for label, values in rows)
+    cell = lambda v, tag="td": f"<{tag}>{html.escape(str(v))}</{tag}>"  # noqa: E731
+    body = "".join(f"<tr>{cell(label, 'th')}{''.join(cell(fmt(v, label)) for v in values)}</tr>" for label, values in rows)
     (out_dir / "report.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>sftflow comparison</title>"
         "<style>body{font-family:sans-serif}td{text-align:right;padding:2px 10px}th{text-align:left}</style>"

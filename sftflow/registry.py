@@ -50,18 +50,19 @@ def find_version(name: str, fingerprint: str, client: MlflowClient | None = None
         found = client.search_model_versions(f"name = '{name}' and tags.`sftflow.fingerprint` = '{fingerprint}'")
     except MlflowException:
         return None
-    return max(found, key=lambda v: int(v.version), default=None)
+    newest = max(found, key=lambda v: int(v.version), default=None)
+    return client.get_model_version(name, str(newest.version)) if newest else None
 
 
 def _move_champion(client: MlflowClient, name: str, version: str) -> None:
     current = _alias(client, name, CHAMPION)
-    if current is not None and current.version == version:
+    if current is not None and str(current.version) == version:
         return
     if current is not None:
-        client.set_model_version_tag(name, version, PREVIOUS, current.version)
+        client.set_model_version_tag(name, version, PREVIOUS, str(current.version))
     client.set_registered_model_alias(name, CHAMPION, version)
     challenger = _alias(client, name, CHALLENGER)
-    if challenger is not None and challenger.version == version:
+    if challenger is not None and str(challenger.version) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
 
 
@@ -93,9 +94,9 @@ def register_candidate(name: str, parent_run_id: str, verdict: dict, fingerprint
     version = client.create_model_version(name, source=f"{train.info.artifact_uri}/{kind}",
                                           run_id=train.info.run_id, tags=tags,
                                           description=f"from run {parent.info.run_name}")
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    client.set_registered_model_alias(name, CHALLENGER, str(version.version))
     if verdict["passed"]:
-        _move_champion(client, name, version.version)
+        _move_champion(client, name, str(version.version))
     return client.get_model_version(name, version.version)
 
 
@@ -106,7 +107,7 @@ def promote(name: str, version: str | None = None, client: MlflowClient | None =
         challenger = _alias(client, name, CHALLENGER)
         if challenger is None:
             raise RegistryError(f"{name}: no challenger to promote; name a version")
-        version = challenger.version
+        version = str(challenger.version)
     try:
         client.get_model_version(name, str(version))
     except MlflowException as exc:

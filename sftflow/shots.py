@@ -18,14 +18,17 @@ def prefect_run_page(prefect_url: str, flow_run_id: str) -> str:
 
 def latest_flow_run():
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentTaskRunId, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
+    finished = FlowRunFilterStateType(any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED])
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1, flow_run_filter=FlowRunFilter(
-            parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)))
+            parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True), state=FlowRunFilterState(type=finished)))
     if not runs:
-        raise ShotError("the Prefect server has no flow runs yet")
+        raise ShotError("the Prefect server has no finished flow runs yet")
     return runs[0]
 
 
@@ -63,5 +66,6 @@ def take(record: dict, refs: list[str], flow_run_id: str | None, out: Path) -> l
     url = links.mlflow_compare_url(sorted({r.info.experiment_id for r in runs}), [r.info.run_id for r in runs],
                                    record["mlflow_url"])
     shows(url, [r.info.run_name for r in runs])
-    paths.append(browser.screenshot(url, out / "mlflow-compare.png"))
+    # Tall: below the plots the page lists the runs' params and metrics side by side.
+    paths.append(browser.screenshot(url, out / "mlflow-compare.png", size=(1600, 2400)))
     return paths
