@@ -94,8 +94,8 @@ def retrain(config_file: str = "configs/demo.yaml", overrides: list[str] | None 
     version = registry.register_candidate(cfg.name, result["mlflow_run_id"], verdict, fp,
                                           {r["measure"]: round(r["delta"], 4) for r in result["rows"]})
     run_url = links.mlflow_run_url(result["experiment_id"], result["mlflow_run_id"])
-    mlflow.MlflowClient().set_tag(result["mlflow_run_id"], "prefect.root_flow_run_url",
-                                  links.prefect_flow_run_url() or "")
+    if root_url := links.prefect_flow_run_url():
+        mlflow.MlflowClient().set_tag(result["mlflow_run_id"], "prefect.root_flow_run_url", root_url)
     if run_url:
         create_link_artifact(key="mlflow-run", link=run_url, link_text=f"MLflow run {result['mlflow_run_id']}",
                              description="the MLflow run of this flow run")

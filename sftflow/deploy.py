@@ -19,6 +19,7 @@ class DeploymentSpec(BaseModel):
     cron: str | None = None
     timezone: str = "UTC"
     concurrency_limit: int | None = None
+    job_variables: dict = {}
 
 
 def load_specs(path: Path = DEFINITIONS) -> dict[str, DeploymentSpec]:
@@ -54,7 +55,8 @@ def apply(specs: dict[str, DeploymentSpec], pool: str, config_file: str | None =
         deployments.append(retrain.to_deployment(
             name, description=spec.description, parameters=parameters, tags=spec.tags,
             schedules=[CronSchedule(cron=schedule, timezone=spec.timezone)] if spec.cron else None,
-            concurrency_limit=limit, job_variables=job_variables, entrypoint_type=EntrypointType.MODULE_PATH))
+            concurrency_limit=limit, job_variables={**job_variables, **spec.job_variables},
+            entrypoint_type=EntrypointType.MODULE_PATH))
     ids = deploy(*deployments, work_pool_name=pool, image=image, build=False, push=False,
                  print_next_steps_message=False, ignore_warnings=True)
     return {f"{retrain.name}/{d.name}": str(i) for d, i in zip(deployments, ids)}
