@@ -139,6 +139,8 @@ def up(prefect_port: PortOpt = 0, mlflow_port: PortOpt = 0,
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     _print_status(record)
+    console.print(f"Prefect UI {record['prefect_url']}   MLflow UI {record['mlflow_url']}\n"
+                  f"other tools: export PREFECT_API_URL={record['api_url']} MLFLOW_TRACKING_URI={record['mlflow_url']}")
 
 
 def _print_status(record: dict | None) -> None:

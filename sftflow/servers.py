@@ -129,7 +129,9 @@ def up(prefect_port: int = 0, mlflow_port: int = 0, pool: str = POOL, backend_st
     current = status()
     if current and all(s["running"] for s in current["services"].values()):
         return current
-    if current:
+    if current and not any(s["running"] for s in current["services"].values()):
+        _state_file().unlink()  # left by a crash or a reboot: nothing of it runs
+    elif current:
         raise ServerError("some servers from an earlier `sftflow up` are still running or half-stopped; "
                           "run `sftflow down` first")
     state = env.state_dir()
@@ -198,8 +200,10 @@ def _stop(procs: list[psutil.Process], grace: float = 10.0) -> list[psutil.Proce
     return procs
 
 
-def down() -> list[int]:
-    """Stop every process `up` recorded, with their children. Returns the pids that were stopped."""
+def down(grace: float = 10.0) -> list[int]:
+    """Stop every process `up` recorded, with their children. Returns the pids that were stopped.
+
+    Each gets `grace` seconds to exit on SIGTERM/SIGINT before SIGKILL."""
     record = read_state()
     if record is None:
         return []
@@ -210,7 +214,7 @@ def down() -> list[int]:
         if proc is None:
             continue
         tree = _tree(proc)
-        survivors = _stop(tree)
+        survivors = _stop(tree, grace)
         if survivors:
             raise ServerError(f"{name}: could not stop pids {[p.pid for p in survivors]}")
         stopped += [p.pid for p in tree]
