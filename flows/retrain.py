@@ -86,7 +86,10 @@ def retrain(config_file: str = "configs/demo.yaml", overrides: list[str] | None 
         message = (f"up to date: data and config unchanged since `{cfg.name}` v{known.version} "
                    f"(fingerprint {fp['fingerprint'][:12]}); nothing trained")
         logger.info(message)
-        create_markdown_artifact(key="sftflow-retrain", markdown=f"## {message}\n", description="retrain outcome")
+        run_id = known.tags.get("mlflow.parent_run_id", "")
+        run_url = links.mlflow_run_url(mlflow.get_run(run_id).info.experiment_id, run_id) if run_id else None
+        create_markdown_artifact(key="sftflow-retrain", markdown=f"## {message}\n\nMLflow run of v{known.version}: "
+                                 f"{run_url or run_id}\n", description="retrain outcome")
         return Completed(name="UpToDate", message=message)
 
     result = sft_pipeline(config=cfg)

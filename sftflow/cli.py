@@ -52,7 +52,7 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     cfg = _load(config, set_)
     from sftflow import servers
 
-    servers.use()  # after `sftflow up`, runs show in its Prefect and MLflow UIs
+    record = servers.use()  # after `sftflow up`, runs show in its Prefect and MLflow UIs
     state = env.configure(cfg.offline)
     from sftflow.flows.sft_pipeline import sft_pipeline
     from sftflow.models import ModelError
@@ -66,6 +66,9 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
         raise typer.Exit(1) from None
     print_summary(result["rows"], f"sftflow {cfg.name}: base vs fine-tuned")
     console.print(f"wall time {time.perf_counter() - start:.0f} s; run dir {result['run_dir']}")
+    if record:
+        console.print(f"MLflow run {result['mlflow_run_id']}: {record['mlflow_url']}   Prefect: {record['prefect_url']}")
+        return
     console.print(f"MLflow run {result['mlflow_run_id']} in {os.environ['MLFLOW_TRACKING_URI']}\n"
                   f"  browse: mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1\n"
                   f"  Prefect: PREFECT_HOME={state / 'prefect'} prefect server start --host 127.0.0.1")

@@ -140,8 +140,11 @@ def test_adhoc_deployment_runs_on_the_worker_and_registers_a_candidate(stack, ml
     STATE.update(first_flow_run=run, first_run=mlrun)
 
 
-def test_both_uis_render_the_run_in_headless_chromium(stack):
+def test_both_uis_render_the_run_and_the_run_form_in_headless_chromium(stack):
     run, mlrun = STATE["first_flow_run"], STATE["first_run"]
+    # the ad-hoc deployment's "Custom run" page: a form generated from the flow's typed parameters
+    shows(f"{stack['prefect_url']}/deployments/deployment/{run.deployment_id}/run",
+          ["config_file", "overrides", "model", "method", "sources", "force", "Submit"])
     shows(prefect_run_page(stack["prefect_url"], str(run.id)), [run.name, "Completed", "sftflow-retrain"])
     shows(f"{stack['mlflow_url']}/#/experiments/{mlrun.info.experiment_id}/runs/{mlrun.info.run_id}",
           [mlrun.info.run_name, "train.lora.r", "heldout/delta/label_acc"])
