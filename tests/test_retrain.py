@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from conftest import make_record
 from test_registry import pipeline_run
 
@@ -60,7 +61,16 @@ def test_provisional_verdict_needs_a_positive_held_out_gain():
     assert not provisional_verdict([])["passed"]
 
 
-def test_unchanged_data_and_config_finish_up_to_date_without_training(tmp_path, data_root):
+@pytest.fixture
+def prefect_server():
+    """A real Prefect server (subprocess, temporary SQLite), stopped at teardown rather than at exit."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield
+
+
+def test_unchanged_data_and_config_finish_up_to_date_without_training(tmp_path, data_root, prefect_server):
     overrides = [f"data.root={data_root}", "name=retrain-unit"]
     cfg = resolve_config(str(REPO / "configs/smoke.yaml"), overrides, None, None, None)
     known = registry.register_candidate(cfg.name, pipeline_run(tmp_path), {"passed": True, "reasons": []},
