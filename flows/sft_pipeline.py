@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from sftflow import env
+from sftflow import env, links
 from sftflow.configs.schema import PipelineConfig
 from sftflow.tasks.benchmarks import benchmarks_task
 from sftflow.tasks.curate import curate_task
@@ -84,6 +84,7 @@ def sft_pipeline(config: PipelineConfig) -> dict:
     create_markdown_artifact(
         key="sftflow-summary",
         markdown=(f"## sftflow run `{config.name}`\n\nMLflow run: `{ctx.parent_run_id}` "
+                  f"{links.mlflow_run_url(ctx.experiment_id, ctx.parent_run_id) or ''} "
                   f"(experiment `{config.tracking.experiment}`, tracking URI `{mlflow.get_tracking_uri()}`)\n\n"
                   f"Run directory: `{ctx.run_dir}`\n\n{summary['markdown']}\n"),
         description="base vs fine-tuned summary and the MLflow run of this flow run")

@@ -52,6 +52,9 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     from sftflow import env
 
     cfg = _load(config, set_)
+    from sftflow import servers
+
+    record = servers.use()  # after `sftflow up`, runs show in its Prefect and MLflow UIs
     state = env.configure(cfg.offline)
     from sftflow.flows.sft_pipeline import sft_pipeline
     from sftflow.models import ModelError
@@ -69,6 +72,9 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
                   f"({'; '.join(gate['reasons'])})")
     console.print(result["eval_timing"])
     console.print(f"wall time {time.perf_counter() - start:.0f} s; run dir {result['run_dir']}")
+    if record:
+        console.print(f"MLflow run {result['mlflow_run_id']}: {record['mlflow_url']}   Prefect: {record['prefect_url']}")
+        return
     console.print(f"MLflow run {result['mlflow_run_id']} in {os.environ['MLFLOW_TRACKING_URI']}\n"
                   f"  browse: mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1\n"
                   f"  Prefect: PREFECT_HOME={state / 'prefect'} prefect server start --host 127.0.0.1")
@@ -185,6 +191,180 @@ def model_list() -> None:
     for name, spec in registry().items():
         built = (models_dir() / name / MANIFEST).exists()
         console.print(f"{name:28s} {spec['kind']:12s} {'built' if built else 'not built'}")
+
+
+
+# --- operations: servers, deployments, registry, comparison (issue 6) ---
+
+PortOpt = Annotated[int, typer.Option(help="0: pick a free port")]
+
+
+def _connect() -> dict | None:
+    """Use the servers `sftflow up` started, if they run; then the state dir and offline mode."""
+    from sftflow import env, servers
+
+    record = servers.use()
+    env.configure(offline=True)
+    return record
+
+
+@app.command()
+def up(prefect_port: PortOpt = 0, mlflow_port: PortOpt = 0,
+       pool: Annotated[str, typer.Option(help="Prefect process work pool the worker serves")] = "sftflow",
+       backend_store_uri: Annotated[Optional[str], typer.Option(
+           help="MLflow backend store (default: SQLite in the state dir), e.g. postgresql://...")] = None,
+       artifact_root: Annotated[Optional[str], typer.Option(
+           help="MLflow artifact root (default: <state>/mlartifacts), e.g. s3://bucket/path")] = None) -> None:
+    """Start a Prefect server, an MLflow tracking server and a Prefect worker (127.0.0.1); wait until healthy."""
+    from sftflow import servers
+
+    try:
+        record = servers.up(prefect_port, mlflow_port, pool, backend_store_uri, artifact_root)
+    except servers.ServerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    _print_status(record)
+    console.print(f"Prefect UI {record['prefect_url']}   MLflow UI {record['mlflow_url']}\n"
+                  f"other tools: export PREFECT_API_URL={record['api_url']} MLFLOW_TRACKING_URI={record['mlflow_url']}")
+
+
+def _print_status(record: dict | None) -> None:
+    if record is None:
+        console.print("no servers started by `sftflow up` (state: nothing recorded)")
+        return
+    table = Table(title=f"sftflow servers (logs in {Path(record['services']['prefect']['log']).parent})")
+    for col in ("service", "pid", "running", "healthy", "url"):
+        table.add_column(col)
+    urls = {"prefect": record["prefect_url"], "mlflow": record["mlflow_url"], "worker": f"pool {record['pool']}"}
+    for name, entry in record["services"].items():
+        table.add_row(name, str(entry["pid"]), "yes" if entry["running"] else "[red]no[/red]",
+                      "yes" if entry["healthy"] else "[red]no[/red]", urls[name])
+    console.print(table)
+
+
+@app.command()
+def down() -> None:
+    """Stop exactly what `sftflow up` started (with its child processes)."""
+    from sftflow import servers
+
+    stopped = servers.down()
+    console.print(f"stopped {len(stopped)} processes" if stopped else "nothing to stop")
+
+
+@app.command()
+def status() -> None:
+    """Show what `sftflow up` started, whether each process runs and answers."""
+    from sftflow import servers
+
+    record = servers.status()
+    _print_status(record)
+    if record and not all(e["healthy"] for e in record["services"].values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def deploy(file: Annotated[Path, typer.Option(help="deployment definitions")] = Path("deployments/deployments.yaml"),
+           pool: Annotated[Optional[str], typer.Option(help="work pool (default: the one `up` started)")] = None,
+           config: Annotated[Optional[str], typer.Option(help="default config file of every deployment")] = None,
+           cron: Annotated[Optional[str], typer.Option(help="replace the scheduled deployments' cron")] = None,
+           image: Annotated[Optional[str], typer.Option(help="container image (Kubernetes pools)")] = None) -> None:
+    """Create or update the Prefect deployments (ad-hoc and nightly retraining) on the running server."""
+    record = _connect()
+    from sftflow.deploy import apply, load_specs
+
+    if record is None and pool is None:
+        console.print("[red]no servers running: `sftflow up` first, or set PREFECT_API_URL and --pool[/red]")
+        raise typer.Exit(1)
+    for name, dep_id in apply(load_specs(file), pool or record["pool"], config, cron, image).items():
+        console.print(f"deployment {name}: {dep_id}")
+    if record:
+        console.print(f"Prefect UI: {record['prefect_url']}/deployments")
+
+
+ModelName = Annotated[str, typer.Argument(help="registered model = pipeline config name, e.g. demo")]
+
+
+def _print_version(v, what: str) -> None:
+    console.print(f"{v.name}: champion is now v{v.version} ({what}); gate.passed={v.tags.get('gate.passed')}, "
+                  f"run {v.run_id}")
+
+
+@app.command()
+def promote(name: ModelName,
+            version: Annotated[Optional[str], typer.Argument(help="version (default: the challenger)")] = None) -> None:
+    """Point the `champion` alias at a version (a human override of the promotion gate)."""
+    _connect()
+    from sftflow import registry
+
+    try:
+        _print_version(registry.promote(name, version), "promoted")
+    except registry.RegistryError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def rollback(name: ModelName) -> None:
+    """Move `champion` back to the version it replaced."""
+    _connect()
+    from sftflow import registry
+
+    try:
+        _print_version(registry.rollback(name), "rolled back")
+    except registry.RegistryError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+RefsArg = Annotated[list[str], typer.Argument(help="MLflow run ids and/or experiment names (all their runs)")]
+
+
+@app.command()
+def compare(refs: RefsArg,
+            out: Annotated[Optional[Path], typer.Option(help="report folder (default <state>/reports/compare-<time>)")] = None
+            ) -> None:
+    """Compare pipeline runs: config differences, target gain, forgetting, train loss, wall time; writes a report."""
+    import time
+
+    from sftflow import compare as cmp
+    from sftflow import env
+
+    _connect()
+    try:
+        runs = cmp.views(refs)
+    except cmp.CompareError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    headers, rows = cmp.table(runs)
+    table = Table(title="sftflow compare")
+    table.add_column("")
+    for h in headers:
+        table.add_column(h, justify="right")
+    for label, values in rows:
+        table.add_row(label, *(cmp.fmt(v, label) for v in values))
+    console.print(table)
+    paths = cmp.write_report(runs, out or env.state_dir() / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    console.print(f"report: {paths['markdown']} and {paths['html']}")
+
+
+@app.command()
+def screenshots(refs: Annotated[Optional[list[str]], typer.Argument(
+                    help="MLflow runs/experiments for the comparison view (default: the two latest runs)")] = None,
+                flow_run: Annotated[Optional[str], typer.Option(help="Prefect flow run id (default: latest)")] = None,
+                out: Annotated[Path, typer.Option(help="folder for the PNGs")] = Path("screenshots")) -> None:
+    """Screenshot the Prefect flow-run page and the MLflow comparison view (needs `sftflow up`, chromium)."""
+    record = _connect()
+    if record is None:
+        console.print("[red]no servers running: `sftflow up` first[/red]")
+        raise typer.Exit(1)
+    from sftflow.shots import ShotError, take
+
+    try:
+        for path in take(record, refs or [], flow_run, out):
+            console.print(f"wrote {path}")
+    except ShotError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

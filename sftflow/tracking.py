@@ -16,6 +16,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from sftflow.links import prefect_flow_run_url
+
 
 class RunContext(BaseModel):
     """What every stage needs to find its folder and its parent MLflow run."""
@@ -120,6 +122,8 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterat
     exp_id = ensure_experiment(cfg.tracking.experiment, _artifact_root(state))
     tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
             "sftflow.config_hash": cfg.digest(), "sftflow.run_dir": str(run_dir)}
+    if url := prefect_flow_run_url(flow_run_id):  # only with a Prefect server whose UI outlives the run
+        tags["prefect.flow_run_url"] = url
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{flow_run_name}", tags=tags) as run:
         mlflow.log_params(flatten(cfg))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

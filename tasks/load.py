@@ -176,7 +176,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
     yield from reader(path)
 
 
-def _files(source: Source, root: Path) -> list[Path]:
+def source_files(source: Source, root: Path) -> list[Path]:
     pattern = Path(source.path).expanduser()
     pattern = pattern if pattern.is_absolute() else root / pattern
     files = sorted(Path(p) for p in glob.glob(str(pattern)))
@@ -226,7 +226,7 @@ def load_source(source: Source, root: Path, seed: int = 0) -> tuple[list[dict], 
         name = source.name or source.hub
         streams = [(source.hub, _hub_rows(source))]
     else:
-        files = _files(source, root)
+        files = source_files(source, root)
         name = source.name or (files[0].stem if len(files) == 1 else Path(source.path).stem)
         streams = [(_relative(f, root), read_rows(f)) for f in files]
 
@@ -258,7 +258,7 @@ def load(cfg: DataConfig, out_dir: Path) -> dict:
 
     Cached by the config and the content of every matched file (hub sources by id and split)."""
     root = Path(cfg.root)
-    inputs = [s.hub or [(_relative(f, root), f) for f in _files(s, root)] for s in cfg.sources]
+    inputs = [s.hub or [(_relative(f, root), f) for f in source_files(s, root)] for s in cfg.sources]
     return cached("load", cache.key("load-v1", cfg.model_dump(exclude={"root"}), inputs), out_dir,
                   lambda d: _load(cfg, d))
 

@@ -1,0 +1,129 @@
+"""MLflow model registry: one registered model per pipeline name, one version per candidate.
+
+Aliases: `champion` is the version in service; `challenger` the latest candidate that is not champion
+(it failed the gate, or awaits a human). The promotion gate's verdict decides; `promote` and `rollback`
+let a human override it. Each version that became champion records the one it replaced
+(`sftflow.previous_champion`), so rollback walks back through earlier champions.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PREVIOUS = "sftflow.previous_champion"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def _alias(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def champion(name: str, client: MlflowClient | None = None):
+    return _alias(client or MlflowClient(), name, CHAMPION)
+
+
+def _train_run(client: MlflowClient, parent_run_id: str):
+    """The `train` stage's child run, which holds the adapter (LoRA) or the full model."""
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], max_results=1,
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                            "and tags.`sftflow.stage` = 'train'")
+    if not runs:
+        raise RegistryError(f"MLflow run {parent_run_id} has no `train` stage run to register")
+    return parent, runs[0]
+
+
+def find_version(name: str, fingerprint: str, client: MlflowClient | None = None):
+    """The newest version trained from exactly this data and config, or None."""
+    client = client or MlflowClient()
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.`sftflow.fingerprint` = '{fingerprint}'")
+    except MlflowException:
+        return None
+    newest = max(found, key=lambda v: int(v.version), default=None)
+    return client.get_model_version(name, str(newest.version)) if newest else None
+
+
+def _move_champion(client: MlflowClient, name: str, version: str) -> None:
+    current = _alias(client, name, CHAMPION)
+    if current is not None and str(current.version) == version:
+        return
+    if current is not None:
+        client.set_model_version_tag(name, version, PREVIOUS, str(current.version))
+    client.set_registered_model_alias(name, CHAMPION, version)
+    challenger = _alias(client, name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == version:
+        client.delete_registered_model_alias(name, CHALLENGER)
+
+
+def register_candidate(name: str, parent_run_id: str, verdict: dict, fingerprint: dict, summary: dict,
+                       client: MlflowClient | None = None):
+    """Register the run's trained weights as a new version of `name`; the verdict moves `champion`.
+
+    verdict: the promotion gate's {"passed": bool, "reasons": [str, ...]}.
+    fingerprint: {"fingerprint", "dataset_digest", "config_hash"} of the run's data and config.
+    summary: {measure: delta} of the run's evaluation, stored as a tag for the registry UI.
+    """
+    client = client or MlflowClient()
+    parent, train = _train_run(client, parent_run_id)
+    kind = "adapter" if parent.data.params.get("train.method") == "lora" else "model"
+    try:
+        client.create_registered_model(name, description=f"sftflow pipeline `{name}`: fine-tuned candidates")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    tags = {"sftflow.fingerprint": fingerprint["fingerprint"],
+            "sftflow.dataset_digest": fingerprint["dataset_digest"],
+            "sftflow.config_hash": fingerprint["config_hash"],
+            "sftflow.base_model": parent.data.params.get("model.base", ""),
+            "sftflow.kind": kind,
+            "sftflow.eval_summary": json.dumps(summary, sort_keys=True)[:4900],
+            "gate.passed": str(bool(verdict["passed"])).lower(),
+            "gate.reasons": json.dumps(list(verdict.get("reasons", [])))[:4900],
+            "mlflow.parent_run_id": parent_run_id}
+    version = client.create_model_version(name, source=f"{train.info.artifact_uri}/{kind}",
+                                          run_id=train.info.run_id, tags=tags,
+                                          description=f"from run {parent.info.run_name}")
+    client.set_registered_model_alias(name, CHALLENGER, str(version.version))
+    if verdict["passed"]:
+        _move_champion(client, name, str(version.version))
+    return client.get_model_version(name, version.version)
+
+
+def promote(name: str, version: str | None = None, client: MlflowClient | None = None):
+    """Make `version` (default: the challenger) the champion."""
+    client = client or MlflowClient()
+    if version is None:
+        challenger = _alias(client, name, CHALLENGER)
+        if challenger is None:
+            raise RegistryError(f"{name}: no challenger to promote; name a version")
+        version = str(challenger.version)
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"{name}: no version {version}") from exc
+    _move_champion(client, name, str(version))
+    return client.get_model_version(name, str(version))
+
+
+def rollback(name: str, client: MlflowClient | None = None):
+    """Move `champion` back to the version it replaced."""
+    client = client or MlflowClient()
+    current = _alias(client, name, CHAMPION)
+    if current is None:
+        raise RegistryError(f"{name}: has no champion")
+    previous = current.tags.get(PREVIOUS)
+    if not previous:
+        raise RegistryError(f"{name}: champion v{current.version} replaced no earlier champion")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    return client.get_model_version(name, previous)

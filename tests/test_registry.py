@@ -1,0 +1,89 @@
+"""MLflow model registry on the test's SQLite store: candidates, gate verdicts, champion/challenger,
+promote and rollback."""
+
+import uuid
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sftflow import registry
+
+
+def pipeline_run(tmp_path, method="lora", r=4, metrics=None) -> str:
+    """A parent run shaped like the pipeline's (params, metrics) with a `train` child holding weights."""
+    exp = mlflow.set_experiment("registry-test")
+    kind = "adapter" if method == "lora" else "model"
+    weights = tmp_path / uuid.uuid4().hex / kind
+    weights.mkdir(parents=True)
+    (weights / f"{kind}_model.safetensors").write_bytes(b"weights")
+    with mlflow.start_run(experiment_id=exp.experiment_id, run_name=f"run-r{r}") as parent:
+        mlflow.log_params({"train.method": method, "model.base": "tiny-random-llama", "train.lora.r": r})
+        mlflow.log_metrics(metrics or {"heldout/delta/label_acc": 0.1})
+        with mlflow.start_run(run_name="train", nested=True, tags={"sftflow.stage": "train"}):
+            mlflow.log_artifacts(str(weights), artifact_path=kind)
+    return parent.info.run_id
+
+
+def fp(tag: str) -> dict:
+    return {"fingerprint": f"fp-{tag}", "dataset_digest": f"data-{tag}", "config_hash": f"cfg-{tag}"}
+
+
+PASS, FAIL = {"passed": True, "reasons": ["held-out gain +0.1 > 0"]}, {"passed": False, "reasons": ["no gain"]}
+
+
+@pytest.fixture
+def name():
+    return f"pipe-{uuid.uuid4().hex[:8]}"
+
+
+def test_a_passing_candidate_becomes_champion_with_its_tags(tmp_path, name):
+    run_id = pipeline_run(tmp_path)
+    v = registry.register_candidate(name, run_id, PASS, fp("a"), {"held-out label_acc": 0.1})
+    client = MlflowClient()
+    assert int(v.version) == 1 and int(client.get_model_version_by_alias(name, "champion").version) == 1
+    assert v.tags["gate.passed"] == "true" and "held-out gain" in v.tags["gate.reasons"]
+    assert v.tags["sftflow.dataset_digest"] == "data-a" and v.tags["sftflow.config_hash"] == "cfg-a"
+    assert '"held-out label_acc": 0.1' in v.tags["sftflow.eval_summary"]
+    assert v.source.endswith("/adapter") and v.run_id != run_id  # the train stage's run holds the weights
+    # the challenger alias is only for candidates that are not champion
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias(name, "challenger")
+    assert int(registry.find_version(name, "fp-a").version) == 1 and registry.find_version(name, "fp-b") is None
+
+
+def test_a_failing_candidate_is_challenger_and_leaves_the_champion(tmp_path, name):
+    registry.register_candidate(name, pipeline_run(tmp_path), PASS, fp("a"), {})
+    v2 = registry.register_candidate(name, pipeline_run(tmp_path, r=8), FAIL, fp("b"), {})
+    client = MlflowClient()
+    assert v2.tags["gate.passed"] == "false"
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
+
+
+def test_promote_the_challenger_then_roll_back(tmp_path, name):
+    registry.register_candidate(name, pipeline_run(tmp_path), PASS, fp("a"), {})
+    registry.register_candidate(name, pipeline_run(tmp_path, r=8), FAIL, fp("b"), {})
+    promoted = registry.promote(name)  # a human overrides the gate
+    assert int(promoted.version) == 2 and int(registry.champion(name).version) == 2
+    assert "challenger" not in MlflowClient().get_model_version(name, "2").aliases
+    assert int(registry.rollback(name).version) == 1 and int(registry.champion(name).version) == 1
+    with pytest.raises(registry.RegistryError, match="replaced no earlier champion"):
+        registry.rollback(name)
+
+
+def test_full_fine_tuning_registers_the_model_folder(tmp_path, name):
+    v = registry.register_candidate(name, pipeline_run(tmp_path, method="full"), PASS, fp("a"), {})
+    assert v.source.endswith("/model") and v.tags["sftflow.kind"] == "model"
+
+
+def test_clear_errors(tmp_path, name):
+    with pytest.raises(registry.RegistryError, match="no challenger"):
+        registry.promote(name)
+    registry.register_candidate(name, pipeline_run(tmp_path), PASS, fp("a"), {})
+    with pytest.raises(registry.RegistryError, match="no version 7"):
+        registry.promote(name, "7")
+    with mlflow.start_run() as bare:
+        pass
+    with pytest.raises(registry.RegistryError, match="no `train` stage run"):
+        registry.register_candidate(name, bare.info.run_id, PASS, fp("x"), {})
