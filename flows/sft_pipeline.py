@@ -21,7 +21,7 @@ from sftflow.tasks.model import model_task
 from sftflow.tasks.report import report_task
 from sftflow.tasks.split import split_task
 from sftflow.tasks.template import template_task
-from sftflow.tasks.train import train_task
+from sftflow.tasks.train import check_hardware, train_task
 from sftflow.tracking import parent_run
 
 
@@ -29,6 +29,7 @@ from sftflow.tracking import parent_run
 def sft_pipeline(config: PipelineConfig) -> dict:
     state = env.configure(config.offline)
     trust = config.model.trust_remote_code
+    check_hardware(config.train)  # QLoRA or bf16 on a CPU-only machine fails now, not after the data stages
     with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
         # 1-3. data: every record loaded, curated and split, with counts and manifests
         loaded = load_task(ctx, config.data)
