@@ -106,9 +106,10 @@ def load_model(model_path: str, cfg: TrainConfig, trust_remote_code: bool):
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if precision(cfg) == "bf16" else torch.float16
-        kwargs = {"dtype": compute, "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)}
+        kwargs = {"dtype": compute, "device_map": {"": torch.cuda.current_device()},
+                  "quantization_config": BitsAndBytesConfig(
+                      load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                      bnb_4bit_compute_dtype=compute)}
     model = AutoModelForCausalLM.from_pretrained(model_path, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code, **kwargs)
     if cfg.method == "qlora":
