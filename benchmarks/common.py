@@ -32,19 +32,20 @@ def demo_tokens(work: Path) -> tuple[dict, "object"]:
 
 
 def step_timer():
-    """Trainer callback recording each optimizer step's wall time and non-pad input tokens."""
+    """Trainer callback recording each optimizer step's wall time and non-pad input tokens
+    (set `.trainer` to the CountingSFTTrainer built by build_trainer)."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.tokens, self._t, self._n = [], [], 0.0, 0
+            self.trainer, self.times, self.tokens, self._t, self._n = None, [], [], 0.0, 0
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self._t, self._n = time.perf_counter(), state.num_input_tokens_seen
+            self._t, self._n = time.perf_counter(), self.trainer.input_tokens
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter() - self._t)
-            self.tokens.append(state.num_input_tokens_seen - self._n)
+            self.tokens.append(self.trainer.input_tokens - self._n)
 
     return StepTimer()
 

@@ -2,7 +2,9 @@
 
 Demo data (configs/demo.yaml), the real SmolLM2-135M-Instruct, the demo's LoRA setup. Each arm runs a
 few optimizer steps per repeat (the first step is warm-up and not counted); arms are interleaved within
-a repeat so machine load hits them alike; medians over repeats. Loss curves: padding-free sees exactly the
+a repeat so machine load hits them alike. Throughput of an arm: the median over its measured steps (all
+repeats) of the step's non-pad tokens / the step's wall time; the median resists bursts of load from other
+processes on a shared machine. Loss curves: padding-free sees exactly the
 padded arm's batches, so its per-step losses must match; packed rows hold different record groups, so its
 mean loss is compared.
 
@@ -27,10 +29,11 @@ def run_arm(paths, cfg, batching: str, steps: int, out):
     train_cfg = cfg.train.model_copy(update=overrides)
     timer = step_timer()
     trainer, _ = build_trainer(paths, DEMO_MODEL, train_cfg, out, callbacks=[timer], eval_strategy="no")
+    timer.trainer = trainer
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    t, n = sum(timer.times[1:]), sum(timer.tokens[1:])
-    return {"tok_s": n / t, "tokens_per_step": n / (len(timer.times) - 1), "losses": losses}
+    rates = [n / t for n, t in zip(timer.tokens[1:], timer.times[1:])]
+    return {"rates": rates, "tokens_per_step": median(timer.tokens[1:]), "losses": losses}
 
 
 def main() -> None:
@@ -47,13 +50,16 @@ def main() -> None:
         for arm in arms:
             res = run_arm(paths, cfg, arm, args.steps, work / f"{arm}-{r}")
             results[arm].append(res)
-            print(f"repeat {r} {arm:13s} {res['tok_s']:7.1f} tok/s  {res['tokens_per_step']:6.0f} tok/step  "
+            print(f"repeat {r} {arm:13s} {median(res['rates']):7.1f} tok/s  {res['tokens_per_step']:6.0f} tok/step  "
                   f"losses {[round(x, 3) for x in res['losses']]}", flush=True)
-    base = median([x["tok_s"] for x in results["padded"]])
+    def arm_median(arm):
+        return median([rate for res in results[arm] for rate in res["rates"]])
+
+    base = arm_median("padded")
     print(f"\nload average after: {load_average()}")
     print(f"{'arm':13s} {'median tok/s':>12s} {'vs padded':>9s}  mean loss (first repeat)")
     for arm in arms:
-        med = median([x["tok_s"] for x in results[arm]])
+        med = arm_median(arm)
         losses = results[arm][0]["losses"]
         print(f"{arm:13s} {med:12.1f} {med / base:8.2f}x  {sum(losses) / len(losses):.4f}")
     pf, pad = results["padding_free"][0]["losses"], results["padded"][0]["losses"]

@@ -22,6 +22,7 @@ def trainer_steps(paths, cfg, steps, out):
                                               "eval_steps": None})
     timer = step_timer()
     trainer, _ = build_trainer(paths, DEMO_MODEL, train_cfg, out, callbacks=[timer], eval_strategy="no")
+    timer.trainer = trainer
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.train()
     return timer.times[1:], trainer, batch

@@ -189,11 +189,17 @@ def _counting_trainer_class():
     from trl import SFTTrainer
 
     class CountingSFTTrainer(SFTTrainer):
-        """SFTTrainer that also counts trained (label != -100) tokens."""
+        """SFTTrainer that also counts input (non-pad) and trained (label != -100) tokens.
 
-        trained_tokens = 0
+        Counted here because the Trainer's own non-padding count compares input_ids with the pad id, which
+        undercounts padding-free rows when pad == eos (as in ChatML tokenizers): every end-of-turn is missed.
+        """
+
+        input_tokens = trained_tokens = 0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs.get("attention_mask")
+            self.input_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             self.trained_tokens += int((inputs["labels"][..., 1:] != -100).sum())
             return super().training_step(model, inputs, num_items_in_batch)
 
@@ -301,7 +307,7 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
     (out_dir / "log_history.json").write_text(json.dumps(history, indent=2))
     plot_curves(history, out_dir / "training_curves.png")
     losses = [h["loss"] for h in history if "loss" in h]
-    tokens = float(trainer.state.num_input_tokens_seen or 0)
+    tokens = trainer.input_tokens
     metrics = {
         "train/final_loss": losses[-1] if losses else result.training_loss,
         "train/mean_loss": result.training_loss,
