@@ -179,7 +179,7 @@ def _step_logger():
         def on_log(self, args, state, control, logs=None, **kwargs):
             numeric = {f"train/{k}": float(v) for k, v in (logs or {}).items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if numeric:
+            if numeric and mlflow.active_run() is not None:  # standalone use (benchmarks) opens no run
                 mlflow.log_metrics(numeric, step=state.global_step)
 
     return MlflowStepLogger()

@@ -78,14 +78,16 @@ def test_records_in_a_packed_row_do_not_attend_to_each_other(tmp_path, token_pat
 
 def test_padding_free_matches_padded_training_loss(tmp_path, token_paths, tiny_model):
     """Same records per step, same order: padding-free only drops the pad tokens, so the losses match."""
-    losses = {}
+    losses, tokens = {}, {}
     for batching in ("padded", "padding_free"):
         cfg = TrainConfig(method="full", batching=batching, batch_size=4, max_steps=3, logging_steps=1,
                           learning_rate=1e-3, warmup_ratio=0.0)
         trainer, _ = build_trainer(token_paths, tiny_model, cfg, tmp_path / batching)
         trainer.train()
         losses[batching] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        tokens[batching] = (trainer.input_tokens, trainer.trained_tokens)
     assert losses["padded"] == pytest.approx(losses["padding_free"], rel=1e-3)
+    assert tokens["padded"] == tokens["padding_free"]  # the same non-pad and trained tokens were seen
 
 
 def test_packing_refuses_records_longer_than_a_row(tmp_path, token_paths, tiny_model):
