@@ -8,7 +8,7 @@ processes on a shared machine. Loss curves: padding-free sees exactly the
 padded arm's batches, so its per-step losses must match; packed rows hold different record groups, so its
 mean loss is compared.
 
-    .venv/bin/python benchmarks/packing_speed.py [--steps 4] [--repeats 3]
+    .venv/bin/python benchmarks/packing_speed.py [--steps 4] [--repeats 3] [--pack-length 1024 --pack-rows 1]
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import argparse
 from common import DEMO_MODEL, demo_tokens, load_average, median, step_timer, workdir
 
 
-def run_arm(paths, cfg, batching: str, steps: int, out):
+def run_arm(paths, cfg, batching: str, steps: int, out, pack_length: int = 1024, pack_rows: int = 1):
     from sftflow.tasks.train import build_trainer
 
     overrides = {"batching": batching, "max_steps": steps, "logging_steps": 1, "eval_steps": None,
                  "warmup_ratio": 0.0}
     if batching == "packed":
-        # One row holds about as many tokens as a padded batch of 8 holds real tokens.
-        overrides.update(batch_size=1, pack_length=1024)
+        # By default one row holds about as many tokens as a padded batch of 8 holds real tokens.
+        overrides.update(batch_size=pack_rows, pack_length=pack_length)
     train_cfg = cfg.train.model_copy(update=overrides)
     timer = step_timer()
     trainer, _ = build_trainer(paths, DEMO_MODEL, train_cfg, out, callbacks=[timer], eval_strategy="no")
@@ -40,6 +40,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pack-length", type=int, default=1024)
+    ap.add_argument("--pack-rows", type=int, default=1, help="packed rows per step")
     args = ap.parse_args()
     work = workdir()
     paths, cfg = demo_tokens(work)
@@ -48,7 +50,7 @@ def main() -> None:
     print(f"load average before: {load_average()}")
     for r in range(args.repeats):
         for arm in arms:
-            res = run_arm(paths, cfg, arm, args.steps, work / f"{arm}-{r}")
+            res = run_arm(paths, cfg, arm, args.steps, work / f"{arm}-{r}", args.pack_length, args.pack_rows)
             results[arm].append(res)
             print(f"repeat {r} {arm:13s} {median(res['rates']):7.1f} tok/s  {res['tokens_per_step']:6.0f} tok/step  "
                   f"losses {[round(x, 3) for x in res['losses']]}", flush=True)
