@@ -5,7 +5,8 @@ few optimizer steps per repeat (the first step is warm-up and not counted); arms
 a repeat so machine load hits them alike. Throughput of an arm: the median over its measured steps (all
 repeats) of the step's non-pad tokens / the step's wall time; the median resists bursts of load from other
 processes on a shared machine. Loss curves: padding-free sees exactly the
-padded arm's batches, so its per-step losses must match; packed rows hold different record groups, so its
+padded arm's batches, so its per-step losses match (up to
+LoRA-dropout masks, which depend on the batch shape); packed rows hold different record groups, so its
 mean loss is compared.
 
     .venv/bin/python benchmarks/packing_speed.py [--steps 4] [--repeats 3] [--pack-length 1024 --pack-rows 1]
