@@ -127,15 +127,24 @@ class ModelConfig(Section):
 
 
 class TemplateConfig(Section):
+    chat_template: str | None = Field(
+        None, description="None: the tokenizer's own; a name in configs/templates/ (chatml, llama3) or a .jinja path")
     system_prompt: str | None = None
     max_length: Positive = 512
+    audit_samples: Positive = Field(4, description="masked samples rendered into the audit artifact")
 
 
 class LoraSection(Section):
     r: Positive = 8
     alpha: Positive = 16
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="None: the per-architecture default in configs/lora_targets.yaml")
+
+
+class FreezeSection(Section):
+    first_layers: int = Field(0, ge=0, description="freeze the embeddings and the first K transformer blocks")
+    patterns: list[str] = Field([], description="also freeze parameters whose name matches one of these regexes")
 
 
 # --- how training is run (issue 4, second half): checkpoints, early stopping, launcher ---
@@ -167,8 +176,17 @@ class LauncherSection(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["lora", "full"] = "lora"
+    # How the trainer is built: method, precision, batching, optimiser and schedule.
+    method: Literal["lora", "qlora", "full", "frozen"] = "lora"
     lora: LoraSection = LoraSection()
+    freeze: FreezeSection = FreezeSection()
+    merge_adapter: bool = Field(False, description="also save the base model with the adapter merged in")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
+    batching: Literal["padded", "padding_free", "packed"] = Field(
+        "padded", description="padded: TRL's default; padding_free: each batch flattened without pad tokens; "
+                              "packed: records packed best-fit into rows of pack_length tokens")
+    pack_length: Positive = Field(1024, description="tokens per packed row (batching: packed)")
     learning_rate: float = Field(2e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run `epochs` epochs")
@@ -177,6 +195,7 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     logging_steps: Positive = 5
     eval_steps: Positive | None = Field(None, description="validation-loss interval; None: once per epoch")
@@ -193,6 +212,17 @@ class TrainConfig(Section):
         if every is not None and (self.eval_steps is None or every % self.eval_steps):
             raise ValueError(f"checkpoint.every_steps ({every}) must be a multiple of eval_steps "
                              f"({self.eval_steps or 'unset: set it'}), so that every checkpoint has a validation loss")
+        return self
+
+    @model_validator(mode="after")
+    def _freeze_only_when_frozen(self) -> "TrainConfig":
+        wants = bool(self.freeze.first_layers or self.freeze.patterns)
+        if self.method == "frozen" and not wants:
+            raise ValueError("method 'frozen' needs freeze.first_layers > 0 or freeze.patterns")
+        if self.method != "frozen" and wants:
+            raise ValueError(f"freeze.* applies to method 'frozen' only (method is {self.method!r})")
+        if self.merge_adapter and self.method not in ("lora", "qlora"):
+            raise ValueError("merge_adapter needs method 'lora' or 'qlora'")
         return self
 
 

@@ -23,7 +23,7 @@ from sftflow.tasks.model import model_task
 from sftflow.tasks.report import report_task
 from sftflow.tasks.split import split_task
 from sftflow.tasks.template import template_task
-from sftflow.tasks.train import train_task
+from sftflow.tasks.train import check_hardware, train_task
 from sftflow.tracking import parent_run
 
 
@@ -56,6 +56,7 @@ def curate_pipeline(config: PipelineConfig) -> dict:
 def sft_pipeline(config: PipelineConfig) -> dict:
     state = env.configure(config.offline)
     trust = config.model.trust_remote_code
+    check_hardware(config.train)  # QLoRA or bf16 on a CPU-only machine fails now, not after the data stages
     with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
         # 1. the base model first: the data pre-flight counts tokens with its tokenizer and chat template
         base = model_task(ctx, config.model, config.offline)

@@ -1,9 +1,13 @@
+import hashlib
+
 import pytest
 from conftest import make_record
 
 from sftflow.configs.schema import TemplateConfig
+from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.template import TemplateError, render_masked, template, tokenize, with_system
+from sftflow.tasks.template import (TemplateError, load_chat_template, render, render_masked, shipped_templates,
+                                    template, tokenize, with_system)
 
 CONVO = [{"role": "user", "content": "Is it good?"}, {"role": "assistant", "content": "POS"},
          {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes indeed"}]
@@ -61,3 +65,110 @@ def test_template_that_is_not_prefix_stable_is_refused(tiny_model, tiny_tokenize
                          "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(TemplateError, match="prefix-stable"):
         tokenize(tok, CONVO)
+
+
+# --- custom templates, sandbox, hash ---------------------------------------------------------------
+
+def fresh_tok(tiny_model, tiny_tokenizer, chat_template=None):
+    tok = type(tiny_tokenizer).from_pretrained(tiny_model)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def test_shipped_templates_have_generation_markers_and_load_by_name():
+    shipped = shipped_templates()
+    assert {"chatml", "llama3"} <= shipped.keys()
+    assert all("{% generation %}" in text for text in shipped.values())
+    assert load_chat_template("chatml") == shipped["chatml"]
+    with pytest.raises(TemplateError, match="chatml, llama3"):
+        load_chat_template("no-such-template")
+
+
+def test_llama3_template_trains_assistant_content_and_eot(tiny_model, tiny_tokenizer):
+    tok = fresh_tok(tiny_model, tiny_tokenizer, load_chat_template("llama3"))
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                            "eos_token": "<|eot_id|>"})
+    row = tokenize(tok, CONVO)
+    assert trained_text(tok, row) == "POS<|eot_id|>yes indeed<|eot_id|>"
+    assert row["audit"] == {"tokens": len(row["input_ids"]), "trained": sum(row["assistant_masks"]), "turns": 2,
+                            "eos_trained_turns": 2, "prompt_tokens": row["audit"]["prompt_tokens"],
+                            "prompt_trained": 0}
+
+
+def test_templates_render_in_a_sandbox(tiny_model, tiny_tokenizer):
+    from jinja2.exceptions import SecurityError
+
+    tok = fresh_tok(tiny_model, tiny_tokenizer, "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(SecurityError):
+        render(tok, CONVO)
+
+
+def test_custom_template_file_is_hashed_and_saved_with_the_tokenizer(tmp_path, tiny_model):
+    custom = "{#- our team's ChatML -#}\n" + load_chat_template("chatml")
+    (tmp_path / "mine.jinja").write_text(custom)
+    write_jsonl(tmp_path / "s.jsonl", [make_record(i, f"text {i}", "POS") for i in range(3)])
+    paths = {"train": str(tmp_path / "s.jsonl"), "val": str(tmp_path / "s.jsonl")}
+    out = template(paths, tiny_model, TemplateConfig(chat_template=str(tmp_path / "mine.jinja"),
+                                                     system_prompt="Answer POS or NEG."), out_dir=tmp_path / "o")
+    assert out["params"]["template.chat_template_sha256"] == hashlib.sha256(custom.encode()).hexdigest()
+    saved = load_tokenizer(out["paths"]["tokenizer"])
+    assert saved.chat_template == custom
+    text = (tmp_path / "o" / "masked_samples.md").read_text()
+    assert "<|im_start|>system\nAnswer POS or NEG." in text and "[[POS<|im_end|>]]" in text
+
+
+# --- the loss-mask audit ---------------------------------------------------------------------------
+
+def run_template_with(tmp_path, tiny_model, tiny_tokenizer, monkeypatch, chat_template):
+    tok = fresh_tok(tiny_model, tiny_tokenizer, chat_template)
+    monkeypatch.setattr("sftflow.tasks.template.load_tokenizer", lambda *a: tok)
+    write_jsonl(tmp_path / "s.jsonl", [make_record(i, f"fine {i}", "POS") for i in range(3)])
+    paths = {"train": str(tmp_path / "s.jsonl"), "val": str(tmp_path / "s.jsonl")}
+    return template(paths, tiny_model, TemplateConfig(), out_dir=tmp_path)
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+          "{% if m['role'] == 'assistant' %}ASSISTANT{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}"
+          "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_audit_fails_a_template_that_trains_nothing(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    # Generation markers that wrap nothing: the answer is rendered outside them.
+    nothing = CHATML.replace("ASSISTANT", "{{ m['content'] + '<|im_end|>' }}{% generation %}{% endgeneration %}")
+    with pytest.raises(TemplateError, match="no token of any record is trained"):
+        run_template_with(tmp_path, tiny_model, tiny_tokenizer, monkeypatch, nothing)
+
+
+def test_audit_fails_a_template_that_never_trains_eos(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    # Markers around the content only: the end-of-turn token falls outside them.
+    no_eos = CHATML.replace("ASSISTANT", "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '<|im_end|>' }}")
+    with pytest.raises(TemplateError, match="end-of-turn"):
+        run_template_with(tmp_path, tiny_model, tiny_tokenizer, monkeypatch, no_eos)
+
+
+def test_audit_fails_a_template_that_trains_everything(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    everything = "{% generation %}" + CHATML.replace("ASSISTANT", "{{ m['content'] + '<|im_end|>' }}") + \
+        "{% endgeneration %}"
+    with pytest.raises(TemplateError, match="every token is trained"):
+        run_template_with(tmp_path, tiny_model, tiny_tokenizer, monkeypatch, everything)
+
+
+def test_audit_measures_trained_prompt_tokens(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    # The assistant header sits inside the markers: trained although it is prompt (the generation prompt).
+    header = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
+              "{{ '<|im_start|>assistant\\n' + m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+              "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    m = run_template_with(tmp_path, tiny_model, tiny_tokenizer, monkeypatch, header)["metrics"]
+    assert m["template/train/records_with_prompt_trained_share"] == 1.0
+    assert 0 < m["template/train/prompt_tokens_trained"] < m["template/train/prompt_tokens"]
+    assert m["template/train/eos_trained_share"] == 1.0
+
+
+def test_llama3_template_on_a_chatml_tokenizer_fails_the_eos_audit(tmp_path, tiny_model):
+    # The tokenizer's eos is <|im_end|>; a Llama-3 template ends turns with <|eot_id|>: never trained.
+    write_jsonl(tmp_path / "s.jsonl", [make_record(0, "fine", "POS")])
+    paths = {"train": str(tmp_path / "s.jsonl"), "val": str(tmp_path / "s.jsonl")}
+    with pytest.raises(TemplateError, match="end-of-turn"):
+        template(paths, tiny_model, TemplateConfig(chat_template="llama3"), out_dir=tmp_path)

@@ -1,14 +1,17 @@
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from conftest import make_record
 from safetensors.torch import load_file
 
 from sftflow.configs.schema import TemplateConfig, TrainConfig
-from sftflow.records import write_jsonl
+from sftflow.models import load_tokenizer
+from sftflow.records import read_jsonl, write_jsonl
 from sftflow.tasks.template import template
-from sftflow.tasks.train import train
+from sftflow.tasks.train import TrainSetupError, build_trainer, check_hardware, precision, train
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +65,88 @@ def test_step_metrics_reach_the_active_mlflow_run(tmp_path, token_paths, tiny_mo
     client = mlflow.tracking.MlflowClient()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
     assert client.get_metric_history(run.info.run_id, "train/eval_loss")
+
+
+def changed_weights(saved: Path, tiny_model) -> set[str]:
+    weights, base = load_file(saved), load_file(f"{tiny_model}/model.safetensors")
+    return {k for k in base if not torch.equal(weights[k], base[k])}
+
+
+def test_frozen_first_block_and_embeddings_stay_unchanged(tmp_path, token_paths, tiny_model):
+    out = run_train(tmp_path, token_paths, tiny_model, method="frozen", freeze={"first_layers": 1},
+                    learning_rate=1e-3, max_steps=3, batch_size=4, logging_steps=1)
+    changed = changed_weights(tmp_path / "model" / "model.safetensors", tiny_model)
+    assert not any(k.startswith("model.layers.0.") or "embed_tokens" in k for k in changed)
+    assert any(k.startswith("model.layers.1.") for k in changed)
+    m = out["metrics"]
+    assert 0 < m["train/trainable_params"] < m["train/total_params"]
+    assert out["params"]["train.frozen_params"] == 1 + sum(1 for _ in load_file(
+        f"{tiny_model}/model.safetensors") if _.startswith("model.layers.0."))
+
+
+def test_frozen_by_name_pattern(tmp_path, token_paths, tiny_model):
+    run_train(tmp_path, token_paths, tiny_model, method="frozen", freeze={"patterns": [r"\.mlp\."]},
+              learning_rate=1e-3, max_steps=2, batch_size=4, logging_steps=1)
+    changed = changed_weights(tmp_path / "model" / "model.safetensors", tiny_model)
+    assert changed and not any(".mlp." in k for k in changed)
+    assert any(".self_attn." in k for k in changed)
+
+
+def test_lora_default_targets_come_from_the_architecture_registry(tmp_path, token_paths, tiny_model):
+    trainer, params = build_trainer(token_paths, tiny_model, TrainConfig(max_steps=1), tmp_path)
+    targets = json.loads(params["train.lora.target_modules_resolved"])
+    assert targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapted = {n.split(".")[-4] for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapted == set(targets)
+
+
+def test_qlora_on_cpu_fails_before_loading_anything(tmp_path, token_paths):
+    cfg = TrainConfig(method="qlora")
+    with pytest.raises(TrainSetupError, match="needs a CUDA GPU"):
+        check_hardware(cfg)
+    # A model path that does not exist: the error must come from the setup check, not from loading.
+    with pytest.raises(TrainSetupError, match="qlora"):
+        build_trainer(token_paths, "/nonexistent/model", cfg, tmp_path)
+
+
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+def test_half_precision_on_cpu_is_a_clear_error(prec):
+    with pytest.raises(TrainSetupError, match=f"{prec}.*needs a CUDA GPU"):
+        check_hardware(TrainConfig(precision=prec))
+    assert precision(TrainConfig()) == "fp32"  # auto on this CPU-only machine
+
+
+def test_method_and_freeze_are_validated_together():
+    with pytest.raises(ValueError, match="needs freeze"):
+        TrainConfig(method="frozen")
+    with pytest.raises(ValueError, match="applies to method 'frozen' only"):
+        TrainConfig(method="lora", freeze={"first_layers": 1})
+
+
+def test_merged_model_matches_base_plus_adapter_and_carries_the_chat_template(tmp_path, token_paths, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run_train(tmp_path, token_paths, tiny_model, method="lora", merge_adapter=True, learning_rate=5e-3,
+                    max_steps=3, batch_size=4, logging_steps=1)
+    merged_dir = tmp_path / "merged"
+    assert out["model_path"] == str(merged_dir) and (merged_dir / "model.safetensors").exists()
+    saved_template = (merged_dir / "chat_template.jinja").read_text()
+    assert saved_template == load_tokenizer(token_paths["tokenizer"]).chat_template
+    ids = torch.tensor([json.loads(open(token_paths["train"]).readline())["input_ids"]])
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                             str(tmp_path / "adapter")).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        a, b, c = merged(ids).logits, with_adapter(ids).logits, base(ids).logits
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, c, atol=1e-4)
+
+
+def test_trained_tokens_are_the_assistant_tokens_of_an_epoch(tmp_path, token_paths, tiny_model):
+    out = run_train(tmp_path, token_paths, tiny_model, method="lora", epochs=1, batch_size=4, logging_steps=1)
+    masks = [r["assistant_masks"] for r in read_jsonl(Path(token_paths["train"]))]
+    assert out["metrics"]["train/trained_tokens"] == sum(map(sum, masks))
+    assert out["metrics"]["train/tokens_seen"] == sum(map(len, masks))
+    history = json.loads((tmp_path / "log_history.json").read_text())
+    assert any("grad_norm" in h for h in history)

@@ -1,0 +1,97 @@
+"""Packed and padding-free batches: records in one row must not attend to each other.
+
+The batch comes from the real trainer's dataloader (TRL's packing and collator); each record's loss
+computed inside that batch must equal its loss computed alone. A negative control (the same row with an
+all-ones attention mask, which turns the block-diagonal masking off) shows the test can see leakage.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_record
+
+from sftflow.configs.schema import TemplateConfig, TrainConfig
+from sftflow.records import read_jsonl, write_jsonl
+from sftflow.tasks.template import template
+from sftflow.tasks.train import build_trainer
+
+
+@pytest.fixture(scope="module")
+def token_paths(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("pack")
+    recs = [make_record(i, "The movie was great. " * (1 + i % 5) + f"Review {i}.", "POS" if i % 2 else "NEG")
+            for i in range(12)]
+    write_jsonl(d / "train.jsonl", recs)
+    write_jsonl(d / "val.jsonl", recs[:2])
+    return template({"train": str(d / "train.jsonl"), "val": str(d / "val.jsonl")}, tiny_model,
+                    TemplateConfig(max_length=256), out_dir=d)["paths"]
+
+
+def segment_losses(logits, input_ids, labels, position_ids):
+    """{tuple(input_ids of a record): its mean token loss} for each record of a flattened row."""
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
+    out = {}
+    for s, e in zip(starts, starts[1:]):
+        loss = F.cross_entropy(logits[0, s:e - 1], labels[0, s + 1:e], ignore_index=-100)
+        out[tuple(input_ids[0, s:e].tolist())] = loss.item()
+    return out
+
+
+def alone_losses(model, token_path):
+    out = {}
+    for row in read_jsonl(token_path):
+        ids = torch.tensor([row["input_ids"]])
+        labels = ids.masked_fill(torch.tensor([row["assistant_masks"]]) == 0, -100)
+        with torch.no_grad():
+            out[tuple(row["input_ids"])] = model(input_ids=ids, labels=labels).loss.item()
+    return out
+
+
+@pytest.mark.parametrize("batching", ["packed", "padding_free"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_records_in_a_packed_row_do_not_attend_to_each_other(tmp_path, token_paths, tiny_model, batching, attn):
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainConfig(method="full", batching=batching, pack_length=256, batch_size=4, max_steps=1)
+    trainer, _ = build_trainer(token_paths, tiny_model, cfg, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    n_records = int((batch["position_ids"][0] == 0).sum())
+    assert n_records >= 3, "the row should hold several records"
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn).eval()
+    alone = alone_losses(model, token_paths["train"])
+    # The forward the trainer makes: every collated key but labels, and no KV cache (SFTTrainer.compute_loss
+    # sets use_cache=False; with a cache transformers would not derive the block-diagonal mask).
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits
+        leaky = model(**inputs, use_cache=False, attention_mask=torch.ones_like(batch["input_ids"])).logits
+    packed = segment_losses(logits, batch["input_ids"], batch["labels"], batch["position_ids"])
+    assert len(packed) == n_records
+    for ids, loss in packed.items():
+        assert loss == pytest.approx(alone[ids], abs=1e-4)
+    # Negative control: a plain causal mask over the row lets later records see earlier ones.
+    leaked = segment_losses(leaky, batch["input_ids"], batch["labels"], batch["position_ids"])
+    assert sum(abs(leaked[ids] - alone[ids]) > 1e-3 for ids in packed) >= n_records - 1
+
+
+def test_padding_free_matches_padded_training_loss(tmp_path, token_paths, tiny_model):
+    """Same records per step, same order: padding-free only drops the pad tokens, so the losses match."""
+    losses, tokens = {}, {}
+    for batching in ("padded", "padding_free"):
+        cfg = TrainConfig(method="full", batching=batching, batch_size=4, max_steps=3, logging_steps=1,
+                          learning_rate=1e-3, warmup_ratio=0.0)
+        trainer, _ = build_trainer(token_paths, tiny_model, cfg, tmp_path / batching)
+        trainer.train()
+        losses[batching] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        tokens[batching] = (trainer.input_tokens, trainer.trained_tokens)
+    assert losses["padded"] == pytest.approx(losses["padding_free"], rel=1e-3)
+    assert tokens["padded"] == tokens["padding_free"]  # the same non-pad and trained tokens were seen
+
+
+def test_packing_refuses_records_longer_than_a_row(tmp_path, token_paths, tiny_model):
+    from sftflow.tasks.train import TrainSetupError
+
+    with pytest.raises(TrainSetupError, match="pack_length"):
+        build_trainer(token_paths, tiny_model, TrainConfig(batching="packed", pack_length=8), tmp_path)
