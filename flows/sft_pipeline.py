@@ -74,7 +74,8 @@ def sft_pipeline(config: PipelineConfig) -> dict:
                   "ft": {"path": trained["model_path"], "adapter": trained["adapter_path"], "tokenizer": base["path"]}}
         held = heldout_task(ctx, splits["paths"]["test"], models, config.eval.heldout,
                             system_prompt=config.template.system_prompt, trust_remote_code=trust,
-                            bootstrap_iters=config.eval.bootstrap_iters, seed=config.eval.seed)
+                            bootstrap_iters=config.eval.bootstrap_iters, seed=config.eval.seed,
+                            chat_tokenizer=tokens["paths"]["tokenizer"])
         bench = benchmarks_task(ctx, models, config.eval, config.data.root, trust_remote_code=trust)
         verdict = gate_task(ctx, [held["metrics"], bench["metrics"]], config.gate)
 

@@ -87,7 +87,7 @@ def side_by_side(rows: list[dict], tags: list[str], limit: int) -> str:
 
 def heldout(test_path: str, models: dict[str, dict], cfg: HeldoutConfig, out_dir: Path,
             system_prompt: str | None = None, trust_remote_code: bool = False, bootstrap_iters: int = 2000,
-            seed: int = 0) -> dict:
+            seed: int = 0, chat_tokenizer: str | None = None) -> dict:
     """models: {"base": {"path", "adapter"}, "ft": {...}, ...} -> per-model scores, deltas vs base with 95% CIs,
     macro-F1 and confusion tables for labelled data, predictions and side-by-side examples."""
     records = list(read_jsonl(Path(test_path)))[: cfg.limit]
@@ -98,7 +98,8 @@ def heldout(test_path: str, models: dict[str, dict], cfg: HeldoutConfig, out_dir
     prompts = [with_system(prompt_messages(r), system_prompt) for r in records]
     metrics, preds, per_record, labels, confusion = {"heldout/records": len(records)}, {}, {}, {}, {}
     for tag, spec in models.items():
-        tok = load_tokenizer(spec.get("adapter") or spec["path"], trust_remote_code)
+        # One chat template for every model (the training one, when given), so prompts are identical.
+        tok = load_tokenizer(chat_tokenizer or spec.get("adapter") or spec["path"], trust_remote_code)
         model = load_causal_lm(spec["path"], trust_remote_code, adapter=spec.get("adapter")).eval()
         start = time.perf_counter()
         preds[tag] = generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)

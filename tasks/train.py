@@ -16,6 +16,7 @@ the restarting position_ids (tests/test_packing.py proves it).
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import time
@@ -179,7 +180,9 @@ def _step_logger():
                 return
             numeric = {f"train/{k}": float(v) for k, v in (logs or {}).items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if numeric and mlflow.active_run() is not None:  # standalone use (benchmarks) opens no run
+            # The stage's run: active in-process, or named by MLFLOW_RUN_ID in an accelerate worker; standalone
+            # use (benchmarks) has neither and logs nothing.
+            if numeric and (mlflow.active_run() is not None or os.environ.get("MLFLOW_RUN_ID")):
                 mlflow.log_metrics(numeric, step=state.global_step)
 
     return MlflowStepLogger()
@@ -297,6 +300,9 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
     result = run_trainer(trainer, cfg)  # resumes from out_dir/checkpoints; early stopping
     wall = time.perf_counter() - start
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    # Token counts of this process's training (a resumed run counts from the resume point), summed over ranks.
+    counts = trainer.accelerator.reduce(torch.tensor([trainer.input_tokens, trainer.trained_tokens]), reduction="sum")
+    tokens, trained_tokens = (int(c) for c in counts.tolist())
 
     kind = "adapter" if cfg.method in ("lora", "qlora") else "model"
     save_dir = out_dir / kind
@@ -319,7 +325,6 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
     (out_dir / "log_history.json").write_text(json.dumps(history, indent=2))
     plot_curves(history, out_dir / "training_curves.png")
     losses = [h["loss"] for h in history if "loss" in h]
-    tokens = trainer.input_tokens
     metrics = {
         "train/final_loss": losses[-1] if losses else result.training_loss,
         "train/mean_loss": result.training_loss,
@@ -330,8 +335,8 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
         "train/trainable_share": params["train.trainable_params"] / params["train.total_params"],
         "train/tokens_seen": tokens,
         "train/tokens_per_s": tokens / wall if wall else 0.0,
-        "train/trained_tokens": trainer.trained_tokens,
-        "train/trained_tokens_per_s": trainer.trained_tokens / wall if wall else 0.0,
+        "train/trained_tokens": trained_tokens,
+        "train/trained_tokens_per_s": trained_tokens / wall if wall else 0.0,
         "train/wall_s": wall,
         "train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

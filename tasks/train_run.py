@@ -76,9 +76,6 @@ def _run_metrics(info: dict, metrics: dict) -> dict:
            "train/num_processes": info["world_size"]}
     if info["best_step"] is not None:
         out.update({"train/best_step": info["best_step"], "train/best_val_loss": info["best_val_loss"]})
-    if info["resumed_from_step"] and metrics.get("train/wall_s"):  # throughput of this process's share
-        seen = metrics.get("train/tokens_seen", 0) - info["tokens_at_resume"]
-        out["train/tokens_per_s"] = seen / metrics["train/wall_s"]
     return out
 
 
