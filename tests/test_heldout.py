@@ -79,3 +79,15 @@ def test_side_by_side_shows_disagreements_first():
              "ft_prediction": f} for i, (b, f) in enumerate([("POS", "POS"), ("", "POS"), ("NEG", "NEG")])]
     md = side_by_side(rows, ["base", "ft"], limit=2)
     assert md.index("## r1") < md.index("## r0") and "## r2" not in md and "- base: (empty)" in md
+
+
+def test_the_base_model_generates_with_the_given_training_chat_template(tmp_path, tiny_model, tiny_tokenizer):
+    # The base model comes first; a template that refuses to render proves it is the one in use.
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "chat_template.jinja").write_text("{{ raise_exception('the training template') }}")
+    write_jsonl(tmp_path / "test.jsonl", [make_record(i, f"review {i}", "POS") for i in range(3)])
+    models = {"base": {"path": tiny_model}, "ft": {"path": tiny_model}}
+    args = (str(tmp_path / "test.jsonl"), models, HeldoutConfig(max_new_tokens=2))
+    heldout(*args, out_dir=tmp_path, bootstrap_iters=50)  # the model's own template renders
+    with pytest.raises(Exception, match="the training template"):
+        heldout(*args, out_dir=tmp_path, bootstrap_iters=50, chat_tokenizer=str(tmp_path / "tok"))
