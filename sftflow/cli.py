@@ -3,6 +3,7 @@ environment (state dir, offline mode) is set, so `--help` is instant and offline
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +15,8 @@ app = typer.Typer(help="sftflow: curate, split, template, fine-tune (TRL) and ev
                        "orchestrated by Prefect and tracked in MLflow.", no_args_is_help=True)
 model_app = typer.Typer(help="Base models available offline (registry aliases).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-console = Console()
+# Logs and CI have no terminal: rich would fold tables to 80 columns and cut the CIs.
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 ConfigArg = Annotated[Path, typer.Argument(help="pipeline config YAML, e.g. configs/demo.yaml")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override: key.path=value (repeatable)")]
