@@ -64,7 +64,7 @@ def sft_pipeline(config: PipelineConfig) -> dict:
         # 2-3. data: every record loaded, checked, filtered, deduplicated, split and decontaminated
         splits = prepare_data(ctx, config, base["path"])
 
-        # 4-5. render with the base model's chat template, fine-tune
+        # 4-5. render with the chat template (the base's own, or template.chat_template), audit masks, fine-tune
         tokens = template_task(ctx, splits["paths"], base["path"], config.template, trust_remote_code=trust)
         trained = train_task(ctx, tokens["paths"], base["path"], config.train, trust_remote_code=trust)
 
