@@ -1,8 +1,9 @@
 """One SFTTrainer optimizer step vs a bare PyTorch loop doing the same forward/backward/clip/step.
 
-Same model (the demo's LoRA on SmolLM2-135M-Instruct), same batch (the first 8 demo training records,
-padded as TRL's collator pads them), same optimizer (AdamW, torch implementation). Steps alternate
-between arms; the first step of each arm is warm-up. Prints the median step time of each and the ratio.
+Same model (the demo's LoRA on SmolLM2-135M-Instruct), same batch (the first 8 demo training records, as
+the demo's batching collates them), same forward (logits of the trained positions only), same optimizer
+(AdamW, torch implementation). Steps alternate between arms; the first step of each arm is warm-up. Prints
+the median step time of each and the ratio.
 
     .venv/bin/python benchmarks/trainer_overhead.py [--steps 4] [--repeats 3]
 """
@@ -31,6 +32,8 @@ def trainer_steps(paths, cfg, steps, out):
 def bare_steps(trainer, batch, steps, lr):
     import torch
 
+    from sftflow.tasks.train import projected_loss, trained_positions
+
     model = trainer.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -38,7 +41,10 @@ def bare_steps(trainer, batch, steps, lr):
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        loss = model(**batch, use_cache=False).loss
+        # The forward sftflow's trainer makes on CPU: logits of the trained positions only.
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False,
+                    logits_to_keep=trained_positions(batch["labels"]))
+        loss = projected_loss(out, batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -2,7 +2,8 @@
 
 The batch comes from the real trainer's dataloader (TRL's packing and collator); each record's loss
 computed inside that batch must equal its loss computed alone. A negative control (the same row with an
-all-ones attention mask, which turns the block-diagonal masking off) shows the test can see leakage.
+all-ones attention mask and no sequence boundaries, which turns the block-diagonal masking off) shows the test
+can see leakage.
 """
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_record
 
+from sftflow import attention
 from sftflow.configs.schema import TemplateConfig, TrainConfig
 from sftflow.records import read_jsonl, write_jsonl
 from sftflow.tasks.template import template
@@ -48,7 +50,7 @@ def alone_losses(model, token_path):
 
 
 @pytest.mark.parametrize("batching", ["packed", "padding_free"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", attention.NAME])
 def test_records_in_a_packed_row_do_not_attend_to_each_other(tmp_path, token_paths, tiny_model, batching, attn):
     from transformers import AutoModelForCausalLM
 
@@ -59,6 +61,8 @@ def test_records_in_a_packed_row_do_not_attend_to_each_other(tmp_path, token_pat
     n_records = int((batch["position_ids"][0] == 0).sum())
     assert n_records >= 3, "the row should hold several records"
 
+    if attn == attention.NAME:
+        attention.register()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn).eval()
     alone = alone_losses(model, token_paths["train"])
     # The forward the trainer makes: every collated key but labels, and no KV cache (SFTTrainer.compute_loss
@@ -66,7 +70,8 @@ def test_records_in_a_packed_row_do_not_attend_to_each_other(tmp_path, token_pat
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         logits = model(**inputs, use_cache=False).logits
-        leaky = model(**inputs, use_cache=False, attention_mask=torch.ones_like(batch["input_ids"])).logits
+        leaky = model(**{k: v for k, v in inputs.items() if not k.startswith("cu_seq_lens")}, use_cache=False,
+                      attention_mask=torch.ones_like(batch["input_ids"])).logits
     packed = segment_losses(logits, batch["input_ids"], batch["labels"], batch["position_ids"])
     assert len(packed) == n_records
     for ids, loss in packed.items():
@@ -95,3 +100,19 @@ def test_packing_refuses_records_longer_than_a_row(tmp_path, token_paths, tiny_m
 
     with pytest.raises(TrainSetupError, match="pack_length"):
         build_trainer(token_paths, tiny_model, TrainConfig(batching="packed", pack_length=8), tmp_path)
+
+
+@pytest.mark.parametrize("batching", ["padded", "padding_free", "packed"])
+def test_flattened_rows_train_with_varlen_attention_and_save_a_portable_model(tmp_path, token_paths, tiny_model,
+                                                                              batching):
+    """Flattened rows get sftflow's per-record attention; the saved model does not name it, so it loads anywhere."""
+    import json
+
+    cfg = TrainConfig(method="full", batching=batching, batch_size=4, max_steps=1)
+    trainer, _ = build_trainer(token_paths, tiny_model, cfg, tmp_path)
+    expected = "sdpa" if batching == "padded" else attention.NAME
+    assert trainer.model.config._attn_implementation == expected
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert attention.NAME not in (tmp_path / "saved" / "config.json").read_text()
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == "llama"

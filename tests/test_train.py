@@ -150,3 +150,30 @@ def test_trained_tokens_are_the_assistant_tokens_of_an_epoch(tmp_path, token_pat
     assert out["metrics"]["train/tokens_seen"] == sum(map(len, masks))
     history = json.loads((tmp_path / "log_history.json").read_text())
     assert any("grad_norm" in h for h in history)
+
+
+def test_loss_from_trained_positions_only_equals_the_models_own_loss(tiny_model):
+    """The CPU loss asks the model for the logits of trained positions only; value and gradients must not change."""
+    from transformers import AutoModelForCausalLM
+
+    from sftflow.tasks.train import projected_loss, trained_positions
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (3, 24))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:9], labels[1, 20:], labels[2, 12:14] = ids[0, 5:9], ids[1, 20:], ids[2, 12:14]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    grads = {}
+    for name in ("own", "projected"):
+        model.zero_grad()
+        if name == "own":
+            loss = model(input_ids=ids, labels=labels, num_items_in_batch=7).loss
+        else:
+            out = model(input_ids=ids, logits_to_keep=trained_positions(labels))
+            assert out.logits.shape[1] == len(trained_positions(labels)) < ids.shape[1] - 1
+            loss = projected_loss(out, labels, num_items_in_batch=7)
+        loss.backward()
+        grads[name] = (loss.item(), model.lm_head.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad)
+    assert grads["projected"][0] == pytest.approx(grads["own"][0], rel=1e-5)
+    for own, projected in zip(grads["own"][1:], grads["projected"][1:]):
+        assert torch.allclose(own, projected, atol=1e-6)
