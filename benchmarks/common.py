@@ -13,15 +13,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_MODEL = os.environ.get("SFTFLOW_BENCH_MODEL", "/work/main/.sftflow/models/smollm2-135m-instruct")
 
 
-def demo_tokens(work: Path) -> tuple[dict, "object"]:
-    """configs/demo.yaml's data through the real load/curate/split/template stages -> (token paths, config)."""
+def demo_tokens(work: Path) -> tuple[dict, "object", str]:
+    """configs/demo.yaml's data through the real load/curate/split/template stages -> (token paths, config, model).
+
+    The model is the demo's base (pulled into the state dir like `sftflow run` does, or reused), or the folder
+    named by $SFTFLOW_BENCH_MODEL."""
     from sftflow import env
 
     env.configure(offline=True)
     from sftflow.configs.schema import load_config
+    from sftflow.models import pull
     from sftflow.tasks.curate import curate
     from sftflow.tasks.load import load
     from sftflow.tasks.split import split
@@ -29,10 +32,11 @@ def demo_tokens(work: Path) -> tuple[dict, "object"]:
 
     os.chdir(REPO)  # data.root in the demo config is relative to the repository
     cfg = load_config(REPO / "configs" / "demo.yaml")
+    model = os.environ.get("SFTFLOW_BENCH_MODEL") or str(pull(cfg.model.base))
     loaded = load(cfg.data, out_dir=work)
     curated = curate(loaded["records"], cfg.curate, out_dir=work)
     splits = split(curated["records"], cfg.split, out_dir=work)
-    return template(splits["paths"], DEMO_MODEL, cfg.template, out_dir=work)["paths"], cfg
+    return template(splits["paths"], model, cfg.template, out_dir=work)["paths"], cfg, model
 
 
 def step_timer():

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 
-from common import DEMO_MODEL, demo_tokens, load_average, median, step_timer, workdir
+from common import demo_tokens, load_average, median, step_timer, workdir
 
 ARMS = ("trl_default", "padded", "padding_free", "packed")
 
 
-def stock_trainer(paths, train_cfg, out, callbacks):
+def stock_trainer(paths, model_path, train_cfg, out, callbacks):
     """TRL's SFTTrainer as it comes (its padded collator and loss), on sftflow's model, data and arguments."""
     from peft import LoraConfig
     from trl import SFTTrainer
@@ -42,7 +42,7 @@ def stock_trainer(paths, train_cfg, out, callbacks):
             self.input_tokens += int(inputs["attention_mask"].sum())
             return super().training_step(model, inputs, num_items_in_batch)
 
-    model = load_model(DEMO_MODEL, train_cfg, False)
+    model = load_model(model_path, train_cfg, False)
     lora = train_cfg.lora
     peft = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora_targets(model.config.model_type, train_cfg), task_type="CAUSAL_LM")
@@ -52,7 +52,7 @@ def stock_trainer(paths, train_cfg, out, callbacks):
                     processing_class=load_tokenizer(paths["tokenizer"]), peft_config=peft, callbacks=callbacks)
 
 
-def build(paths, cfg, arm: str, out, args, **overrides):
+def build(paths, model, cfg, arm: str, out, args, **overrides):
     from sftflow.tasks.train import build_trainer
 
     update = {"batching": "padded" if arm == "trl_default" else arm, "logging_steps": 1, "eval_steps": None,
@@ -62,9 +62,9 @@ def build(paths, cfg, arm: str, out, args, **overrides):
     train_cfg = cfg.train.model_copy(update=update)
     timer = step_timer()
     if arm == "trl_default":
-        trainer = stock_trainer(paths, train_cfg, out, [timer])
+        trainer = stock_trainer(paths, model, train_cfg, out, [timer])
     else:
-        trainer, _ = build_trainer(paths, DEMO_MODEL, train_cfg, out, callbacks=[timer], eval_strategy="no",
+        trainer, _ = build_trainer(paths, model, train_cfg, out, callbacks=[timer], eval_strategy="no",
                                    load_best_model_at_end=False)
     timer.trainer = trainer
     return trainer, timer
@@ -74,11 +74,11 @@ def losses_of(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def throughput(paths, cfg, args, work) -> dict:
+def throughput(paths, model, cfg, args, work) -> dict:
     rates = {a: [] for a in ARMS}
     for r in range(args.repeats):
         for arm in ARMS:
-            trainer, timer = build(paths, cfg, arm, work / f"{arm}-{r}", args, max_steps=args.steps)
+            trainer, timer = build(paths, model, cfg, arm, work / f"{arm}-{r}", args, max_steps=args.steps)
             trainer.train()
             step_rates = [n / t for n, t in zip(timer.tokens[1:], timer.times[1:])]
             rates[arm] += step_rates
@@ -110,15 +110,15 @@ def val_loss(trainer, path) -> float:
     return total / count
 
 
-def curves(paths, cfg, args, work) -> dict:
+def curves(paths, model, cfg, args, work) -> dict:
     out = {}
     lora = cfg.train.lora.model_copy(update={"dropout": 0.0})
     # padding_free again on another shuffle (seed + 1): how far two runs of the same batching land apart.
     runs = (("trl_default", "trl_default", cfg.train.seed), ("padding_free", "padding_free", cfg.train.seed),
             ("packed", "packed", cfg.train.seed), ("reshuffled", "padding_free", cfg.train.seed + 1))
     for name, arm, seed in runs:
-        trainer, timer = build(paths, cfg, arm, work / f"epoch-{name}", args, max_steps=-1, epochs=1, lora=lora,
-                               seed=seed)
+        trainer, timer = build(paths, model, cfg, arm, work / f"epoch-{name}", args, max_steps=-1, epochs=1,
+                               lora=lora, seed=seed)
         trainer.train()
         val = val_loss(trainer, paths["val"])
         out[name] = {"losses": losses_of(trainer), "val": val, "rate": sum(timer.tokens) / sum(timer.times),
@@ -137,10 +137,10 @@ def main() -> None:
     ap.add_argument("--no-curves", dest="curves", action="store_false")
     args = ap.parse_args()
     work = workdir()
-    paths, cfg = demo_tokens(work)
+    paths, cfg, model = demo_tokens(work)
     print(f"load average before: {load_average()}")
-    rates = throughput(paths, cfg, args, work)
-    epoch = curves(paths, cfg, args, work) if args.curves else {}
+    rates = throughput(paths, model, cfg, args, work)
+    epoch = curves(paths, model, cfg, args, work) if args.curves else {}
     print(f"\nload average after: {load_average()}")
     print(f"{'arm':12s} {'median tok/s':>12s} {'vs trl_default':>14s} {'vs padded':>9s}")
     for arm in ARMS:

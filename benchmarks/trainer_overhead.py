@@ -13,16 +13,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import DEMO_MODEL, demo_tokens, load_average, median, step_timer, workdir
+from common import demo_tokens, load_average, median, step_timer, workdir
 
 
-def trainer_steps(paths, cfg, steps, out):
+def trainer_steps(paths, model, cfg, steps, out):
     from sftflow.tasks.train import build_trainer
 
     train_cfg = cfg.train.model_copy(update={"max_steps": steps, "logging_steps": 1, "warmup_ratio": 0.0,
                                               "eval_steps": None})
     timer = step_timer()
-    trainer, _ = build_trainer(paths, DEMO_MODEL, train_cfg, out, callbacks=[timer], eval_strategy="no")
+    trainer, _ = build_trainer(paths, model, train_cfg, out, callbacks=[timer], eval_strategy="no",
+                               load_best_model_at_end=False)
     timer.trainer = trainer
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.train()
@@ -59,7 +60,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     work = workdir()
-    paths, cfg = demo_tokens(work)
+    paths, cfg, model = demo_tokens(work)
     # A dataset of exactly one batch: every trainer step sees the same 8 records.
     from sftflow.records import read_jsonl, write_jsonl
 
@@ -69,7 +70,7 @@ def main() -> None:
     print(f"load average before: {load_average()}")
     trainer_t, bare_t = [], []
     for r in range(args.repeats):
-        t, trainer, batch = trainer_steps(paths, cfg, args.steps, work / f"t{r}")
+        t, trainer, batch = trainer_steps(paths, model, cfg, args.steps, work / f"t{r}")
         b = bare_steps(trainer, batch, args.steps, cfg.train.learning_rate)
         trainer_t.append(median(t))
         bare_t.append(median(b))
