@@ -22,6 +22,7 @@ def demo_tokens(work: Path) -> tuple[dict, "object", str]:
     named by $SFTFLOW_BENCH_MODEL."""
     from sftflow import env
 
+    os.chdir(REPO)  # the demo config's data.root and the state dir (.sftflow) are relative to the repository
     env.configure(offline=True)
     from sftflow.configs.schema import load_config
     from sftflow.models import pull
@@ -30,7 +31,6 @@ def demo_tokens(work: Path) -> tuple[dict, "object", str]:
     from sftflow.tasks.split import split
     from sftflow.tasks.template import template
 
-    os.chdir(REPO)  # data.root in the demo config is relative to the repository
     cfg = load_config(REPO / "configs" / "demo.yaml")
     model = os.environ.get("SFTFLOW_BENCH_MODEL") or str(pull(cfg.model.base))
     loaded = load(cfg.data, out_dir=work)

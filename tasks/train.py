@@ -147,7 +147,7 @@ def sft_args(cfg: TrainConfig, output_dir: Path, has_eval: bool, **overrides):
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         logging_steps=cfg.logging_steps,
         **schedule_args(cfg, has_eval),  # validation, checkpoints, best model (sftflow.checkpoints)
         report_to="none",  # metrics go to the stage's MLflow run through MlflowStepLogger

@@ -177,3 +177,12 @@ def test_loss_from_trained_positions_only_equals_the_models_own_loss(tiny_model)
     assert grads["projected"][0] == pytest.approx(grads["own"][0], rel=1e-5)
     for own, projected in zip(grads["own"][1:], grads["projected"][1:]):
         assert torch.allclose(own, projected, atol=1e-6)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_gradient_checkpointing_follows_the_config_not_trls_default(tmp_path, token_paths, tiny_model, on):
+    trainer, _ = build_trainer(token_paths, tiny_model, TrainConfig(method="full", gradient_checkpointing=on,
+                                                                    max_steps=1), tmp_path)
+    assert trainer.args.activation_checkpointing is on and trainer.args.gradient_checkpointing is on
+    trainer.train()
+    assert trainer.model.is_gradient_checkpointing is on
