@@ -1,7 +1,8 @@
 """Trained (non-pad) tokens/s of sftflow's batchings vs TRL's padded default, and their loss curves.
 
 Demo data (configs/demo.yaml), the real SmolLM2-135M-Instruct, the demo's LoRA setup, batch size 8. Arms:
-  trl_default   stock `trl.SFTTrainer`, padded batches: what the target is measured against
+  trl_default   stock `trl.SFTTrainer`, padded batches: what the target is measured against (with sftflow's
+                training arguments, so TRL's default gradient checkpointing is off here as in every arm)
   padded        sftflow's trainer, padded batches (isolates what its CPU loss path alone changes)
   padding_free  sftflow, the same batches flattened into one row (per-record attention, no pad tokens)
   packed        sftflow, best-fit-decreasing rows of --pack-length tokens (--pack-rows rows a step)
