@@ -1,0 +1,36 @@
+"""The training benchmarks (benchmarks/*.py) run end to end (on the tiny model, a few steps) and print what they
+promise.
+
+Their numbers are only meaningful on the real model (see README); this keeps the scripts from rotting.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_bench(script: str, tmp_path, tiny_model, *args) -> str:
+    env = {**os.environ, "SFTFLOW_BENCH_MODEL": tiny_model, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], env=env, cwd=BENCH, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_packing_benchmark_compares_every_batching_with_stock_trl(tmp_path, tiny_model):
+    out = run_bench("packing_speed.py", tmp_path, tiny_model, "--steps", "2", "--repeats", "1", "--pack-length",
+                    "512")
+    for arm in ("trl_default", "padded", "padding_free", "packed", "reshuffled"):
+        assert re.search(rf"^{arm}\s+[\d.]+\s+[\d.]+x", out, re.M), f"no result row for {arm}:\n{out}"
+    # padding_free trains on exactly the stock trainer's batches: a whole epoch of per-step losses must agree.
+    diff = float(re.search(r"per-step loss, max \|diff\|: (\S+) over (\d+) steps", out).group(1))
+    assert diff < 1e-3
+
+
+def test_trainer_overhead_benchmark_prints_its_ratio(tmp_path, tiny_model):
+    out = run_bench("trainer_overhead.py", tmp_path, tiny_model, "--steps", "2", "--repeats", "1")
+    assert re.search(r"ratio [\d.]+x \(target <= 1.15x\)", out), out
