@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +43,39 @@ def ensure_experiment(name: str, artifact_root: Path | None) -> str:
     return mlflow.create_experiment(name, artifact_location=(artifact_root / name).as_uri() if artifact_root else None)
 
 
+def process_tags() -> dict[str, str]:
+    """Which process owns a run: lets a later run tell a live run from one whose process was killed."""
+    return {"sftflow.host": socket.gethostname(), "sftflow.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def close_orphans(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs opened on this host by a process that is gone; -> their run ids.
+
+    An exception ends a run as FAILED, but SIGKILL, the OOM killer or a lost machine end nothing, and the run
+    would show as running forever in the MLflow UI. Runs of other hosts are left alone: their pids mean nothing
+    here.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client, host = MlflowClient(), socket.gethostname()
+    orphans = [r.info.run_id for r in client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`sftflow.host` = '{host}'")
+        if not _alive(int(r.data.tags.get("sftflow.pid", os.getpid())))]
+    for run_id in orphans:
+        client.set_terminated(run_id, "KILLED")
+    return orphans
+
+
 def finite_metrics(metrics: dict) -> dict[str, float]:
     """MLflow rejects None; NaN/inf are kept out too so the compare view stays readable."""
     out = {}
@@ -69,7 +104,7 @@ def run_stage(name: str, fn: Callable, ctx: RunContext, *args, **kwargs) -> dict
 
     out_dir = ctx.stage_dir(name)
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=name, parent_run_id=ctx.parent_run_id,
-                          nested=True, tags={"sftflow.stage": name}) as run:
+                          nested=True, tags={"sftflow.stage": name, **process_tags()}) as run:
         start = time.perf_counter()
         result = fn(*args, out_dir=out_dir, **kwargs) or {}
         duration = time.perf_counter() - start
@@ -120,8 +155,10 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterat
     run_dir = state / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run_name}"
     run_dir.mkdir(parents=True, exist_ok=False)  # a run never writes into another run's folder
     exp_id = ensure_experiment(cfg.tracking.experiment, _artifact_root(state))
+    if orphans := close_orphans(exp_id):
+        print(f"marked {len(orphans)} MLflow run(s) of killed processes KILLED: {', '.join(orphans)}")
     tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
-            "sftflow.config_hash": cfg.digest(), "sftflow.run_dir": str(run_dir)}
+            "sftflow.config_hash": cfg.digest(), "sftflow.run_dir": str(run_dir), **process_tags()}
     if url := prefect_flow_run_url(flow_run_id):  # only with a Prefect server whose UI outlives the run
         tags["prefect.flow_run_url"] = url
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{flow_run_name}", tags=tags) as run:

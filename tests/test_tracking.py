@@ -1,0 +1,35 @@
+"""MLflow runs whose process was killed hard (SIGKILL) are closed as KILLED by the next run on the host."""
+
+import os
+import signal
+import subprocess
+import sys
+
+from mlflow.tracking import MlflowClient
+
+from sftflow.tracking import close_orphans, ensure_experiment, process_tags
+
+OPEN_AND_DIE = """
+import os, signal, mlflow
+from sftflow.tracking import process_tags
+run = mlflow.start_run(experiment_id={exp!r}, tags=process_tags())
+print(run.info.run_id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_runs_of_killed_processes_are_marked_killed_and_others_left_running():
+    exp = ensure_experiment("orphans", None)
+    proc = subprocess.run([sys.executable, "-c", OPEN_AND_DIE.format(exp=exp)], capture_output=True, text=True,
+                          env=os.environ, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    client = MlflowClient()
+    killed = proc.stdout.strip()
+    assert client.get_run(killed).info.status == "RUNNING"  # what a SIGKILL leaves behind
+    live = client.create_run(exp, tags=process_tags()).info.run_id  # this process: alive
+    elsewhere = client.create_run(exp, tags={"sftflow.host": "another-host", "sftflow.pid": "999999"}).info.run_id
+
+    assert close_orphans(exp) == [killed]
+    assert client.get_run(killed).info.status == "KILLED"
+    assert {client.get_run(r).info.status for r in (live, elsewhere)} == {"RUNNING"}
+    assert close_orphans(exp) == []
