@@ -4,8 +4,9 @@ A padding-free or packed row holds several records, told apart by the sequence b
 along (`cu_seq_lens_q`). Flash-attention's varlen kernels take those boundaries directly, but they exist only for
 CUDA; plain sdpa instead attends over the whole row under a block-diagonal mask, so a row of n records of length L
 pays for (nL)^2 attention scores instead of n*L^2 (measured on the demo model, a LoRA step on a row of 8 records,
-887 tokens: 4.5 s with sdpa's mask, 3.8 s per record). This runs sdpa once per record with a causal mask, which is exactly that block diagonal, and falls
-back to plain sdpa for anything else (padded batches, generation with a KV cache).
+887 tokens: 4.5 s with sdpa's mask, 3.8 s per record). This runs sdpa once per record with a causal mask, which
+is exactly that block diagonal, and falls back to plain sdpa for anything else (padded batches, generation with a
+KV cache).
 """
 
 from __future__ import annotations

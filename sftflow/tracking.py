@@ -43,9 +43,17 @@ def ensure_experiment(name: str, artifact_root: Path | None) -> str:
     return mlflow.create_experiment(name, artifact_location=(artifact_root / name).as_uri() if artifact_root else None)
 
 
+def host() -> str:
+    """This machine and PID namespace: pids compare only within one (containers sharing a hostname have their own)."""
+    try:
+        return f"{socket.gethostname()}/pidns:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc (macOS)
+        return socket.gethostname()
+
+
 def process_tags() -> dict[str, str]:
     """Which process owns a run: lets a later run tell a live run from one whose process was killed."""
-    return {"sftflow.host": socket.gethostname(), "sftflow.pid": str(os.getpid())}
+    return {"sftflow.host": host(), "sftflow.pid": str(os.getpid())}
 
 
 def _alive(pid: int) -> bool:
@@ -62,14 +70,14 @@ def close_orphans(experiment_id: str) -> list[str]:
     """Mark KILLED the RUNNING runs opened on this host by a process that is gone; -> their run ids.
 
     An exception ends a run as FAILED, but SIGKILL, the OOM killer or a lost machine end nothing, and the run
-    would show as running forever in the MLflow UI. Runs of other hosts are left alone: their pids mean nothing
-    here.
+    would show as running forever in the MLflow UI. Runs of other hosts (or PID namespaces) are left alone: their
+    pids mean nothing here. A reused pid can make a dead run look alive, never a live one dead.
     """
     from mlflow.tracking import MlflowClient
 
-    client, host = MlflowClient(), socket.gethostname()
+    client = MlflowClient()
     orphans = [r.info.run_id for r in client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`sftflow.host` = '{host}'")
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`sftflow.host` = '{host()}'")
         if not _alive(int(r.data.tags.get("sftflow.pid", os.getpid())))]
     for run_id in orphans:
         client.set_terminated(run_id, "KILLED")
