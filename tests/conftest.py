@@ -50,3 +50,15 @@ def chat(user: str, answer: str) -> list[dict]:
 def make_record(i: int, user: str, answer: str, label: str | None = None, source: str = "src") -> dict:
     return {"id": f"r{i:04d}", "messages": chat(user, answer), "label": label, "source": source,
             "file": "f.jsonl", "index": i + 1, "meta": {}}
+
+
+def template_splits(d: Path, model: str, train: list[dict], val: list[dict], max_length: int = 256) -> dict:
+    """Train/val records written to d and run through the real template stage -> its result (paths, metrics)."""
+    from sftflow.configs.schema import TemplateConfig
+    from sftflow.records import write_jsonl
+    from sftflow.tasks.template import template
+
+    write_jsonl(d / "train.jsonl", train)
+    write_jsonl(d / "val.jsonl", val)
+    return template({"train": str(d / "train.jsonl"), "val": str(d / "val.jsonl")}, model,
+                    TemplateConfig(max_length=max_length), out_dir=d)

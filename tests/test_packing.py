@@ -9,12 +9,11 @@ can see leakage.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_record
+from conftest import make_record, template_splits
 
 from sftflow import attention
-from sftflow.configs.schema import TemplateConfig, TrainConfig
-from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.template import template
+from sftflow.configs.schema import TrainConfig
+from sftflow.records import read_jsonl
 from sftflow.tasks.train import build_trainer
 
 
@@ -23,10 +22,7 @@ def token_paths(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("pack")
     recs = [make_record(i, "The movie was great. " * (1 + i % 5) + f"Review {i}.", "POS" if i % 2 else "NEG")
             for i in range(12)]
-    write_jsonl(d / "train.jsonl", recs)
-    write_jsonl(d / "val.jsonl", recs[:2])
-    return template({"train": str(d / "train.jsonl"), "val": str(d / "val.jsonl")}, tiny_model,
-                    TemplateConfig(max_length=256), out_dir=d)["paths"]
+    return template_splits(d, tiny_model, recs, recs[:2])["paths"]
 
 
 def segment_losses(logits, input_ids, labels, position_ids):

@@ -1,7 +1,7 @@
 import hashlib
 
 import pytest
-from conftest import make_record
+from conftest import make_record, template_splits
 
 from sftflow.configs.schema import TemplateConfig
 from sftflow.models import load_tokenizer
@@ -32,10 +32,7 @@ def test_system_prompt_is_prepended_once():
 
 def test_template_stage_rejects_overlong_and_reports_shares(tmp_path, tiny_model):
     train = [make_record(i, f"short review {i}", "POS") for i in range(4)] + [make_record(9, "long " * 400, "NEG")]
-    write_jsonl(tmp_path / "train.jsonl", train)
-    write_jsonl(tmp_path / "val.jsonl", train[:2])
-    out = template({"train": str(tmp_path / "train.jsonl"), "val": str(tmp_path / "val.jsonl")},
-                   tiny_model, TemplateConfig(max_length=128), out_dir=tmp_path)
+    out = template_splits(tmp_path, tiny_model, train, train[:2], max_length=128)
     m = out["metrics"]
     assert m["template/train/records"] == 4 and m["template/rejected"] == 1
     assert m["template/train/eos_trained_share"] == 1.0 and 0 < m["template/train/trained_share"] < 0.5

@@ -4,13 +4,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import make_record
+from conftest import make_record, template_splits
 from safetensors.torch import load_file
 
-from sftflow.configs.schema import TemplateConfig, TrainConfig
+from sftflow.configs.schema import TrainConfig
 from sftflow.models import load_tokenizer
-from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.template import template
+from sftflow.records import read_jsonl
 from sftflow.tasks.train import TrainSetupError, build_trainer, check_hardware, precision, train
 
 
@@ -19,11 +18,7 @@ def token_paths(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("tok")
     recs = [make_record(i, f"Review {i}: {'great' if i % 2 else 'awful'} film.", "POS" if i % 2 else "NEG")
             for i in range(24)]
-    write_jsonl(d / "train.jsonl", recs[:20])
-    write_jsonl(d / "val.jsonl", recs[20:])
-    out = template({"train": str(d / "train.jsonl"), "val": str(d / "val.jsonl")}, tiny_model,
-                   TemplateConfig(max_length=256), out_dir=d)
-    return out["paths"]
+    return template_splits(d, tiny_model, recs[:20], recs[20:])["paths"]
 
 
 def run_train(tmp_path, token_paths, tiny_model, **cfg):

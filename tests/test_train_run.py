@@ -10,16 +10,14 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-from conftest import make_record
+from conftest import make_record, template_splits
 from prefect.states import Failed
 from safetensors.torch import load_file
 
 from sftflow import cache
 from sftflow.checkpoints import last_checkpoint
-from sftflow.configs.schema import ConfigError, TemplateConfig, TrainConfig, load_config
+from sftflow.configs.schema import ConfigError, TrainConfig, load_config
 from sftflow.launch import RESULT, WorkerDied, accelerate_command
-from sftflow.records import write_jsonl
-from sftflow.tasks.template import template
 from sftflow.tasks.train import train
 from sftflow.tasks.train_run import _retry_if_worker_died, run_training, training_key
 
@@ -31,10 +29,7 @@ def tokens(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("tok")
     recs = [make_record(i, f"Review {i}: the film was {'great' if i % 2 else 'awful'}.", "POS" if i % 2 else "NEG")
             for i in range(40)]
-    write_jsonl(d / "train.jsonl", recs[:32])
-    write_jsonl(d / "val.jsonl", recs[32:])
-    return template({"train": str(d / "train.jsonl"), "val": str(d / "val.jsonl")}, tiny_model,
-                    TemplateConfig(max_length=256), out_dir=d)["paths"]
+    return template_splits(d, tiny_model, recs[:32], recs[32:])["paths"]
 
 
 def history(out_dir: Path) -> list[dict]:
