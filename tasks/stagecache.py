@@ -22,19 +22,32 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
+def _marker(folder: Path) -> str:
+    return json.dumps(str(folder))[1:-1]  # the folder as it appears inside JSON text
+
+
+def save_result(entry: Path, result: dict, folder: Path) -> None:
+    """The stage's result into entry/result.json, its paths under `folder` stored relative to it."""
+    (entry / "result.json").write_text(json.dumps(result, default=str).replace(_marker(folder), _OUT))
+
+
+def load_result(entry: Path, folder: Path) -> dict:
+    """A stored result with its relative paths placed under `folder`, where the entry was copied to."""
+    return json.loads((entry / "result.json").read_text().replace(_OUT, _marker(folder)))
+
+
 def cached(stage: str, key: str, out_dir: Path, compute: Callable[[Path], dict]) -> dict:
     """`compute(out_dir)` unless the cache holds `key`; the result says `<stage>/cache_hit` 1 or 0."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker = json.dumps(str(out_dir))[1:-1]
     hit = cache.lookup(stage, key)
     if hit is not None:
         _copy_tree(hit, out_dir)
-        result = json.loads((hit / "result.json").read_text().replace(_OUT, marker))
+        result = load_result(hit, out_dir)
     else:
         result = compute(out_dir)
         with cache.fill(stage, key) as entry:
             _copy_tree(out_dir, entry)
-            (entry / "result.json").write_text(json.dumps(result, default=str).replace(marker, _OUT))
+            save_result(entry, result, out_dir)
     result.setdefault("metrics", {})[f"{stage}/cache_hit"] = int(hit is not None)
     result["cache_key"] = key
     return result

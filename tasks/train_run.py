@@ -25,11 +25,11 @@ from sftflow.checkpoints import RUN_INFO, last_checkpoint, step_of
 from sftflow.configs.schema import TrainConfig
 from sftflow.launch import RESULT, SPEC, WorkerDied, launch
 from sftflow.models import MANIFEST
+from sftflow.tasks.stagecache import load_result, save_result
 from sftflow.tracking import stage_task
 
 STAGE = "train"
 log = logging.getLogger("sftflow.train")
-_IN_ENTRY = "entry:"  # stored results name their files relative to the entry, which may move
 
 
 def training_key(token_paths: dict, model_path: str, cfg: TrainConfig) -> str:
@@ -56,20 +56,7 @@ def _exclusive(key: str):
         yield
 
 
-def _relocate(obj, old: str, new: str):
-    """Paths under `old` moved under `new` (results are JSON: paths become strings)."""
-    if isinstance(obj, Path):
-        obj = str(obj)
-    if isinstance(obj, str) and obj.startswith(old):
-        return new + obj[len(old):]
-    if isinstance(obj, dict):
-        return {k: _relocate(v, old, new) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_relocate(v, old, new) for v in obj]
-    return obj
-
-
-def _run_metrics(info: dict, metrics: dict) -> dict:
+def _run_metrics(info: dict) -> dict:
     """What this module adds: resume point, best checkpoint, early stop, processes."""
     out = {"train/resumed_from_step": info["resumed_from_step"],
            "train/stopped_early": float(info["stopped_early"]),
@@ -85,12 +72,12 @@ def _train_and_publish(job: dict, cfg: TrainConfig, key: str) -> Path:
     resume = last_checkpoint(work / "checkpoints")
     log.info("train: %s in %s", f"resuming from step {step_of(resume)}" if resume else "starting", work)
     result = launch({**job, "out_dir": str(work)}, cfg)
-    result["metrics"].update(_run_metrics(json.loads((work / RUN_INFO).read_text()), result["metrics"]))
+    result["metrics"].update(_run_metrics(json.loads((work / RUN_INFO).read_text())))
     with cache.fill(STAGE, key) as entry:
         for item in work.iterdir():
             if item.name not in ("checkpoints", SPEC, RESULT):
                 os.replace(item, entry / item.name)
-        (entry / RESULT).write_text(json.dumps(_relocate(result, str(work), _IN_ENTRY), indent=2))
+        save_result(entry, result, work)  # the entry's files, named relative to it
     return cache.lookup(STAGE, key)
 
 
@@ -109,7 +96,7 @@ def run_training(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: 
     # Hard links: a full model is not stored twice; files in both places are never modified.
     shutil.copytree(entry, out_dir, dirs_exist_ok=True, copy_function=_link_or_copy,
                     ignore=shutil.ignore_patterns(".complete"))
-    result = _relocate(json.loads((entry / RESULT).read_text()), _IN_ENTRY, str(out_dir))
+    result = load_result(entry, out_dir)
     result["metrics"]["train/cache_hit"] = float(hit)
     result["params"] = {**result.get("params", {}), "train.cache_key": key}
     return result
