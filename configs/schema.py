@@ -175,6 +175,9 @@ class LauncherSection(Section):
         return self
 
 
+ADAPTER_METHODS = ("lora", "qlora")  # saved as a PEFT adapter on the base; the others as a whole model
+
+
 class TrainConfig(Section):
     # How the trainer is built: method, precision, batching, optimiser and schedule.
     method: Literal["lora", "qlora", "full", "frozen"] = "lora"
@@ -198,10 +201,13 @@ class TrainConfig(Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="Liger's fused RMSNorm/RoPE/SwiGLU kernels through TRL (CUDA, `sftflow[gpu]`); auto: "
+                            "on when CUDA and liger-kernel are there. TRL fuses the LM head with the loss itself")
     logging_steps: Positive = 5
     eval_steps: Positive | None = Field(None, description="validation-loss interval; None: once per epoch")
     seed: int = 0
-    # --- how training is run (issue 4, second half) ---
+    # how training is run: checkpoints, early stopping, processes
     checkpoint: CheckpointSection = CheckpointSection()
     early_stopping: EarlyStoppingSection = EarlyStoppingSection()
     launcher: LauncherSection = LauncherSection()
@@ -222,7 +228,7 @@ class TrainConfig(Section):
             raise ValueError("method 'frozen' needs freeze.first_layers > 0 or freeze.patterns")
         if self.method != "frozen" and wants:
             raise ValueError(f"freeze.* applies to method 'frozen' only (method is {self.method!r})")
-        if self.merge_adapter and self.method not in ("lora", "qlora"):
+        if self.merge_adapter and self.method not in ADAPTER_METHODS:
             raise ValueError("merge_adapter needs method 'lora' or 'qlora'")
         return self
 

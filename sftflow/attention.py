@@ -1,35 +1,88 @@
-"""`sdpa_varlen`: attention over padding-free rows that costs what the records cost, on any device.
+"""Attention for padding-free and packed rows: each record attends only to itself, at its own cost.
 
-A padding-free or packed row holds several records, told apart by the sequence boundaries TRL's collator passes
-along (`cu_seq_lens_q`). Flash-attention's varlen kernels take those boundaries directly, but they exist only for
-CUDA; plain sdpa instead attends over the whole row under a block-diagonal mask, so a row of n records of length L
-pays for (nL)^2 attention scores instead of n*L^2 (measured on the demo model, a LoRA step on a row of 8 records,
-887 tokens: 4.5 s with sdpa's mask, 3.8 s per record). This runs sdpa once per record with a causal mask, which
-is exactly that block diagonal, and falls back to plain sdpa for anything else (padded batches, generation with a
-KV cache).
+A flattened row holds several records, told apart by the sequence boundaries TRL's collator passes along
+(`cu_seq_lens_q`, `max_length_q`). Plain sdpa would attend over the whole row under a block-diagonal mask, paying
+(nL)^2 scores for n records of length L instead of n*L^2 (the demo model, a LoRA step on a row of 8 records, 887
+tokens: 4.5 s with sdpa's mask, 3.8 s per record). `choose` picks, for the device the model trains on:
+
+- `flash_attention_2` (transformers' own integration of flash-attn's varlen kernel) on CUDA when flash-attn is
+  installed (`pip install 'sftflow[flash]'`);
+- `sdpa_varlen` otherwise: on CUDA in half precision, PyTorch's own varlen kernel (`torch.nn.attention.varlen`,
+  one launch for the whole row); on CPU (or fp32), sdpa once per record with a causal mask, which is exactly that
+  block diagonal. Both take the same (tokens, heads, head_dim) layout, so the CPU tests exercise the same code
+  around the kernel. Anything that is not a whole flattened row (padded batches, generation with a KV cache)
+  falls back to plain sdpa.
 """
 
 from __future__ import annotations
 
+import inspect
+
 NAME = "sdpa_varlen"
 
 
+def _records_sdpa(q, k, v, cu_seqlens, max_len, scale, dropout=0.0):
+    """Reference varlen attention: q/k/v (tokens, heads, dim), records between cu_seqlens; causal within each."""
+    import torch
+    import torch.nn.functional as F
+
+    bounds = cu_seqlens.tolist()
+    parts = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                            is_causal=True, scale=scale, dropout_p=dropout).transpose(0, 1)
+             for s, e in zip(bounds, bounds[1:]) if e > s]
+    return torch.cat(parts, dim=0)
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_len, scale):
+    """PyTorch's fused varlen kernel (CUDA, fp16/bf16); (-1, 0) is its causal window."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, window_size=(-1, 0))
+
+
+def kernel_for(device, dtype):
+    """The varlen kernel this device and dtype run: fused on CUDA in half precision, else per-record sdpa."""
+    import torch
+
+    fused = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _has_torch_varlen()
+    return _torch_varlen if fused else _records_sdpa
+
+
+def _has_torch_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
 def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                        cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
+                        cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, **kwargs):
     """query/key/value: (batch, heads, seq, head_dim) -> (batch, seq, heads, head_dim), like every HF attention."""
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     whole_row = (cu_seq_lens_q is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
-                 and (cu_seq_lens_k is None or torch.equal(cu_seq_lens_q, cu_seq_lens_k)))
+                 and (cu_seq_lens_k is None or cu_seq_lens_k is cu_seq_lens_q
+                      or torch.equal(cu_seq_lens_q, cu_seq_lens_k)))
     if not whole_row:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    bounds = cu_seq_lens_q.tolist()
-    parts = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None,
-                                    dropout=dropout, scaling=scaling, is_causal=True)[0]
-             for s, e in zip(bounds, bounds[1:]) if e > s]
-    return torch.cat(parts, dim=1), None
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: one kv head serves `groups` query heads
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    dtype = q.dtype
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        # Rotary embeddings leave q/k in fp32 under autocast; the fused kernel (like sdpa under autocast) runs in
+        # the autocast dtype.
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    max_len = int(max_length_q) if max_length_q is not None else int(cu_seq_lens_q.diff().max())
+    cu = cu_seq_lens_q.to(torch.int32)
+    if dropout:  # the fused kernel has no attention dropout
+        return _records_sdpa(q, k, v, cu, max_len, scaling, dropout).unsqueeze(0), None
+    out = kernel_for(q.device, dtype)(q, k, v, cu, max_len, scaling)
+    return out.unsqueeze(0), None
 
 
 def register() -> str:
@@ -40,3 +93,28 @@ def register() -> str:
     AttentionInterface.register(NAME, sdpa_varlen_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # padded batches still need sdpa's mask
     return NAME
+
+
+def choose(batching: str, cuda: bool) -> str:
+    """The attn_implementation to load a training model with, for this batching on this device."""
+    if batching == "padded":
+        return "sdpa"
+    if cuda:
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return register()
+
+
+def describe(model, precision: str) -> str:
+    """What a loaded model's attention runs in this precision, e.g. 'sdpa_varlen (torch varlen kernel)'."""
+    import torch
+
+    impl = model.config._attn_implementation
+    if impl != NAME:
+        return impl
+    param = next(model.parameters())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, param.dtype)
+    kernel = kernel_for(param.device, dtype)
+    return f"{NAME} ({'torch varlen kernel' if kernel is _torch_varlen else 'per-record sdpa'})"

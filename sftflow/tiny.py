@@ -42,7 +42,8 @@ def build_tokenizer(vocab_size: int, model_max_length: int):
 
 
 def build_tiny_llama(dest: Path, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                     vocab_size: int = 512, model_max_length: int = 4096, seed: int = 0) -> Path:
+                     vocab_size: int = 512, model_max_length: int = 4096, seed: int = 0,
+                     num_kv_heads: int | None = None) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,7 +51,7 @@ def build_tiny_llama(dest: Path, hidden_size: int = 64, num_layers: int = 2, num
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
         max_position_embeddings=model_max_length, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(config)

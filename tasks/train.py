@@ -26,9 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from sftflow import attention
+from sftflow import attention, compat
 from sftflow.checkpoints import run_trainer, schedule_args
-from sftflow.configs.schema import TrainConfig
+from sftflow.configs.schema import ADAPTER_METHODS, TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
 
@@ -65,6 +65,16 @@ def check_hardware(cfg: TrainConfig) -> None:
                               "Use 'auto' (fp32 on CPU) or 'fp32'.")
     if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise TrainSetupError("train.precision 'bf16': this GPU does not support bf16; use 'fp16' or 'auto'")
+    if cfg.kernels == "liger" and not (gpu and compat.liger_available()):
+        raise TrainSetupError("train.kernels 'liger' needs a CUDA GPU and liger-kernel (pip install 'sftflow[gpu]'); "
+                              "use 'auto' to take them where they are available")
+
+
+def kernels(cfg: TrainConfig) -> str:
+    """The fused kernels to train with: cfg.kernels, with 'auto' resolved from the hardware and packages."""
+    if cfg.kernels == "auto":
+        return "liger" if _gpu() and compat.liger_available() else "none"
+    return cfg.kernels
 
 
 def lora_targets(model_type: str, cfg: TrainConfig) -> list[str] | str:
@@ -104,9 +114,8 @@ def load_model(model_path: str, cfg: TrainConfig, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch.float32}
-    if cfg.batching != "padded":  # records of a flattened row attend only within themselves, at their own cost
-        kwargs["attn_implementation"] = attention.register()
+    # Records of a flattened row attend only within themselves, at their own cost (a varlen kernel on CUDA).
+    kwargs = {"dtype": torch.float32, "attn_implementation": attention.choose(cfg.batching, _gpu())}
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -147,7 +156,7 @@ def sft_args(cfg: TrainConfig, output_dir: Path, has_eval: bool, **overrides):
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
+        **compat.checkpointing_arg(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps,
         **schedule_args(cfg, has_eval),  # validation, checkpoints, best model (sftflow.checkpoints)
         report_to="none",  # metrics go to the stage's MLflow run through MlflowStepLogger
@@ -162,6 +171,7 @@ def sft_args(cfg: TrainConfig, output_dir: Path, has_eval: bool, **overrides):
         padding_free=cfg.batching == "padding_free",
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
+        use_liger_kernel=kernels(cfg) == "liger",
     )
     return SFTConfig(**{**args, **overrides})
 
@@ -267,9 +277,10 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
                               "tokens): packing would truncate it; raise train.pack_length")
     tok = load_tokenizer(token_paths.get("tokenizer") or model_path, trust_remote_code)
     model = load_model(model_path, cfg, trust_remote_code)
-    params = {"train.precision_resolved": precision(cfg), "train.model_type": model.config.model_type}
+    params = {"train.precision_resolved": precision(cfg), "train.model_type": model.config.model_type,
+              "train.attention": attention.describe(model, precision(cfg)), "train.kernels_resolved": kernels(cfg)}
     peft_config = None
-    if cfg.method in ("lora", "qlora"):
+    if cfg.method in ADAPTER_METHODS:
         targets = lora_targets(model.config.model_type, cfg)
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                  target_modules=targets, task_type="CAUSAL_LM")
@@ -333,7 +344,7 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
     counts = trainer.accelerator.reduce(torch.tensor([trainer.input_tokens, trainer.trained_tokens]), reduction="sum")
     tokens, trained_tokens = (int(c) for c in counts.tolist())
 
-    kind = "adapter" if cfg.method in ("lora", "qlora") else "model"
+    kind = "adapter" if cfg.method in ADAPTER_METHODS else "model"
     save_dir = out_dir / kind
     trainer.save_model(str(save_dir))  # safetensors: adapter_model.safetensors or model.safetensors
     if not trainer.is_world_process_zero():  # other ranks took part in evaluate() and save_model() only

@@ -17,6 +17,12 @@ from sftflow import env  # noqa: E402
 env.configure(offline=True)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+# The suite runs on CPU (CI) and on a CUDA machine: assertions about one kind of hardware say so.
+cpu_only = pytest.mark.skipif(CUDA, reason="asserts CPU-only behaviour; this machine has CUDA")
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

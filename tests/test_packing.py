@@ -9,7 +9,7 @@ can see leakage.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_record, template_splits
+from conftest import CUDA, cuda_only, make_record, template_splits
 
 from sftflow import attention
 from sftflow.configs.schema import TrainConfig
@@ -38,8 +38,8 @@ def segment_losses(logits, input_ids, labels, position_ids):
 def alone_losses(model, token_path):
     out = {}
     for row in read_jsonl(token_path):
-        ids = torch.tensor([row["input_ids"]])
-        labels = ids.masked_fill(torch.tensor([row["assistant_masks"]]) == 0, -100)
+        ids = torch.tensor([row["input_ids"]], device=model.device)
+        labels = ids.masked_fill(torch.tensor([row["assistant_masks"]], device=model.device) == 0, -100)
         with torch.no_grad():
             out[tuple(row["input_ids"])] = model(input_ids=ids, labels=labels).loss.item()
     return out
@@ -59,7 +59,8 @@ def test_records_in_a_packed_row_do_not_attend_to_each_other(tmp_path, token_pat
 
     if attn == attention.NAME:
         attention.register()
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn).eval()
+    # The reference runs where the trainer's batches are (cuda:0 on a GPU machine).
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn).to(trainer.args.device).eval()
     alone = alone_losses(model, token_paths["train"])
     # The forward the trainer makes: every collated key but labels, and no KV cache (SFTTrainer.compute_loss
     # sets use_cache=False; with a cache transformers would not derive the block-diagonal mask).
@@ -81,8 +82,9 @@ def test_padding_free_matches_padded_training_loss(tmp_path, token_paths, tiny_m
     """Same records per step, same order: padding-free only drops the pad tokens, so the losses match."""
     losses, tokens = {}, {}
     for batching in ("padded", "padding_free"):
+        # fp32: on a GPU, bf16 kernels for padded and flattened rows round differently.
         cfg = TrainConfig(method="full", batching=batching, batch_size=4, max_steps=3, logging_steps=1,
-                          learning_rate=1e-3, warmup_ratio=0.0)
+                          learning_rate=1e-3, warmup_ratio=0.0, precision="fp32")
         trainer, _ = build_trainer(token_paths, tiny_model, cfg, tmp_path / batching)
         trainer.train()
         losses[batching] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -105,10 +107,52 @@ def test_flattened_rows_train_with_varlen_attention_and_save_a_portable_model(tm
     import json
 
     cfg = TrainConfig(method="full", batching=batching, batch_size=4, max_steps=1)
-    trainer, _ = build_trainer(token_paths, tiny_model, cfg, tmp_path)
-    expected = "sdpa" if batching == "padded" else attention.NAME
+    trainer, params = build_trainer(token_paths, tiny_model, cfg, tmp_path)
+    expected = "sdpa" if batching == "padded" else attention.choose(batching, CUDA)
     assert trainer.model.config._attn_implementation == expected
+    assert params["train.attention"].startswith(expected)
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     assert attention.NAME not in (tmp_path / "saved" / "config.json").read_text()
+    assert "flash_attention" not in (tmp_path / "saved" / "config.json").read_text()
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == "llama"
+
+
+def _rows(lengths, heads, kv_heads, dim=16, device="cpu", dtype=torch.float32):
+    """Random q/k/v of one flattened row, HF layout (1, heads, tokens, dim), and its cu_seq_lens."""
+    g = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    q, k, v = (torch.randn(1, h, total, dim, generator=g).to(device, dtype) for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return q, k, v, cu
+
+
+def _per_record_reference(q, k, v, cu):
+    """Each record alone through sdpa with its kv heads repeated: what the row's attention must equal."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    bounds = cu.tolist()
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True)
+                      for s, e in zip(bounds, bounds[1:])], dim=2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # multi-head, grouped-query (as SmolLM2), multi-query
+def test_varlen_attention_equals_each_record_alone_with_grouped_kv_heads(kv_heads):
+    from types import SimpleNamespace
+
+    q, k, v, cu = _rows([5, 9, 3, 7], heads=4, kv_heads=kv_heads)
+    module = SimpleNamespace(training=False, num_key_value_groups=4 // kv_heads, is_causal=True)
+    out, _ = attention.sdpa_varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9)
+    assert out.shape == (1, 24, 4, 16)
+    assert torch.allclose(out, _per_record_reference(q, k, v, cu), atol=1e-5)
+
+
+@cuda_only
+def test_cuda_half_precision_rows_run_the_fused_varlen_kernel_and_match_per_record_attention():
+    q, k, v, cu = _rows([64, 200, 17, 128], heads=8, kv_heads=2, dim=64, device="cuda", dtype=torch.bfloat16)
+    assert attention.kernel_for(q.device, q.dtype) is attention._torch_varlen
+    module = type("M", (), {"training": False, "num_key_value_groups": 4, "is_causal": True})()
+    out, _ = attention.sdpa_varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                           max_length_q=200)
+    ref = _per_record_reference(q.float(), k.float(), v.float(), cu)
+    assert (out.float() - ref).abs().max().item() < 3e-2  # bf16 rounding

@@ -4,13 +4,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import make_record, template_splits
+from conftest import cpu_only, cuda_only, make_record, template_splits
 from safetensors.torch import load_file
 
 from sftflow.configs.schema import TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
-from sftflow.tasks.train import TrainSetupError, build_trainer, check_hardware, precision, train
+from sftflow import compat
+from sftflow.tasks.train import TrainSetupError, build_trainer, check_hardware, kernels, precision, train
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,7 @@ def test_lora_default_targets_come_from_the_architecture_registry(tmp_path, toke
     assert adapted == set(targets)
 
 
+@cpu_only
 def test_qlora_on_cpu_fails_before_loading_anything(tmp_path, token_paths):
     cfg = TrainConfig(method="qlora")
     with pytest.raises(TrainSetupError, match="needs a CUDA GPU"):
@@ -104,6 +106,7 @@ def test_qlora_on_cpu_fails_before_loading_anything(tmp_path, token_paths):
         build_trainer(token_paths, "/nonexistent/model", cfg, tmp_path)
 
 
+@cpu_only
 @pytest.mark.parametrize("prec", ["bf16", "fp16"])
 def test_half_precision_on_cpu_is_a_clear_error(prec):
     with pytest.raises(TrainSetupError, match=f"{prec}.*needs a CUDA GPU"):
@@ -178,6 +181,36 @@ def test_loss_from_trained_positions_only_equals_the_models_own_loss(tiny_model)
 def test_gradient_checkpointing_follows_the_config_not_trls_default(tmp_path, token_paths, tiny_model, on):
     trainer, _ = build_trainer(token_paths, tiny_model, TrainConfig(method="full", gradient_checkpointing=on,
                                                                     max_steps=1), tmp_path)
-    assert trainer.args.activation_checkpointing is on and trainer.args.gradient_checkpointing is on
+    # Under the name this transformers release has (compat.checkpointing_arg), never TRL's default.
+    (field,) = compat.checkpointing_arg(on)
+    assert getattr(trainer.args, field) is on and trainer.args.gradient_checkpointing is on
     trainer.train()
     assert trainer.model.is_gradient_checkpointing is on
+
+
+@cpu_only
+def test_liger_kernels_on_cpu_are_a_clear_error_and_auto_turns_them_off():
+    with pytest.raises(TrainSetupError, match="kernels 'liger' needs a CUDA GPU"):
+        check_hardware(TrainConfig(kernels="liger"))
+    assert kernels(TrainConfig()) == "none"
+
+
+@cuda_only
+def test_on_cuda_auto_trains_in_half_precision_with_every_parameter_on_the_gpu(tmp_path, token_paths, tiny_model):
+    assert precision(TrainConfig()) == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    trainer, params = build_trainer(token_paths, tiny_model, TrainConfig(max_steps=2, batch_size=4), tmp_path)
+    assert all(p.device.type == "cuda" for p in trainer.model.parameters())
+    assert params["train.kernels_resolved"] == ("liger" if compat.liger_available() else "none")
+    assert trainer.args.use_liger_kernel is (params["train.kernels_resolved"] == "liger")
+    assert "per-record" not in params["train.attention"]  # a fused varlen kernel, not a Python loop
+    trainer.train()
+
+
+@cuda_only
+def test_qlora_trains_4bit_layers_and_saves_an_adapter(tmp_path, token_paths, tiny_model):
+    pytest.importorskip("bitsandbytes")
+    out = run_train(tmp_path, token_paths, tiny_model, method="qlora", lora={"r": 4, "alpha": 8},
+                    max_steps=4, batch_size=4, logging_steps=2)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and out["adapter_path"]
+    trainer, _ = build_trainer(token_paths, tiny_model, TrainConfig(method="qlora", max_steps=1), tmp_path / "q")
+    assert sum(type(m).__name__ == "Linear4bit" for m in trainer.model.modules()) > 0
