@@ -13,6 +13,8 @@ import json
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from sftflow.configs.schema import ADAPTER_METHODS
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 PREVIOUS = "sftflow.previous_champion"
 
@@ -76,7 +78,7 @@ def register_candidate(name: str, parent_run_id: str, verdict: dict, fingerprint
     """
     client = client or MlflowClient()
     parent, train = _train_run(client, parent_run_id)
-    kind = "adapter" if parent.data.params.get("train.method") == "lora" else "model"
+    kind = "adapter" if parent.data.params.get("train.method") in ADAPTER_METHODS else "model"
     try:
         client.create_registered_model(name, description=f"sftflow pipeline `{name}`: fine-tuned candidates")
     except MlflowException as exc:

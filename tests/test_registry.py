@@ -10,10 +10,14 @@ from mlflow.tracking import MlflowClient
 from sftflow import registry
 
 
+# The folder the train stage saves per method (tests/test_train.py checks lora and full against real training).
+SAVED = {"lora": "adapter", "qlora": "adapter", "full": "model", "frozen": "model"}
+
+
 def pipeline_run(tmp_path, method="lora", r=4, metrics=None) -> str:
     """A parent run shaped like the pipeline's (params, metrics) with a `train` child holding weights."""
     exp = mlflow.set_experiment("registry-test")
-    kind = "adapter" if method == "lora" else "model"
+    kind = SAVED[method]
     weights = tmp_path / uuid.uuid4().hex / kind
     weights.mkdir(parents=True)
     (weights / f"{kind}_model.safetensors").write_bytes(b"weights")
@@ -72,9 +76,10 @@ def test_promote_the_challenger_then_roll_back(tmp_path, name):
         registry.rollback(name)
 
 
-def test_full_fine_tuning_registers_the_model_folder(tmp_path, name):
-    v = registry.register_candidate(name, pipeline_run(tmp_path, method="full"), PASS, fp("a"), {})
-    assert v.source.endswith("/model") and v.tags["sftflow.kind"] == "model"
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "frozen"])
+def test_each_method_registers_the_folder_training_saved(tmp_path, name, method):
+    v = registry.register_candidate(name, pipeline_run(tmp_path, method=method), PASS, fp("a"), {})
+    assert v.source.endswith(f"/{SAVED[method]}") and v.tags["sftflow.kind"] == SAVED[method]
 
 
 def test_clear_errors(tmp_path, name):
