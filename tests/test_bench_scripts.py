@@ -34,3 +34,15 @@ def test_packing_benchmark_compares_every_batching_with_stock_trl(tmp_path, tiny
 def test_trainer_overhead_benchmark_prints_its_ratio(tmp_path, tiny_model):
     out = run_bench("trainer_overhead.py", tmp_path, tiny_model, "--steps", "2", "--repeats", "1")
     assert re.search(r"ratio [\d.]+x \(target <= 1.15x\)", out), out
+
+
+def test_gpu_check_trains_each_method_and_says_what_it_ran(tmp_path, tiny_model):
+    import torch
+
+    out = run_bench("gpu_check.py", tmp_path, tiny_model, "--size", "tiny", "--steps", "2", "--records", "40",
+                    "--no-tests")
+    methods = ("lora", "full", "qlora", r"full \(FSDP") if torch.cuda.is_available() else ("lora", "full")
+    for method in methods:
+        assert re.search(rf"^{method}\S*\s+(fp32|bf16|fp16)\s+\S+", out, re.M), f"no row for {method}:\n{out}"
+    if not torch.cuda.is_available():
+        assert "no CUDA" in out and "skipped: qlora" in out and "skipped: FSDP" in out

@@ -1,0 +1,166 @@
+"""One command that shows whether training works, and how fast, on this machine's GPU.
+
+    python benchmarks/gpu_check.py [--steps 40] [--model PATH] [--json OUT]
+
+Trains LoRA, full and QLoRA for --steps steps through the pipeline's own `train()` (padding-free batches, the
+precision, attention and kernels `auto` picks), then a single-process FSDP run with configs/accelerate/fsdp.yaml,
+then runs the CUDA-relevant tests. Per run it prints precision, attention kernel, fused kernels, tokens/s, peak
+GPU memory and MFU = 6 * parameters * tokens/s over the card's dense bf16 peak (--peak-tflops for cards not in
+PEAK_TFLOPS). The model is a random Llama built on the spot (about 110M parameters with grouped-query attention;
+`--size tiny` for the test model) unless --model names a real one (a folder with safetensors and a tokenizer).
+
+Without CUDA it is a smoke run: LoRA and full for a few steps in fp32 on the tiny model, QLoRA, FSDP and the
+tests reported as skipped, and a "no CUDA" line; its numbers say nothing about GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, workdir
+
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+               "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+SIZES = {"tiny": {}, "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 4}}
+TESTS = ["tests/test_train.py", "tests/test_packing.py", "tests/test_template.py"]
+WORDS = ("the film was great awful plot acting music scene review product broke day terrible wonderful "
+         "question answer classify sentiment positive negative story ending character").split()
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    """Chat records of varied length (a few to a few hundred words), so padding-free rows hold mixed records."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 300)))
+        label = rng.choice(["POS", "NEG"])
+        out.append({"id": f"g{i:05d}", "messages": [{"role": "user", "content": f"Review: {text}"},
+                                                      {"role": "assistant", "content": label}],
+                    "label": label, "source": "gpu_check", "file": "gpu_check", "index": i + 1, "meta": {}})
+    return out
+
+
+def model_path(args, work: Path) -> str:
+    if args.model:
+        return args.model
+    from sftflow.tiny import build_tiny_llama
+
+    return str(build_tiny_llama(work / f"model-{args.size}", **SIZES[args.size]))
+
+
+def tokens(model: str, work: Path, n: int) -> dict:
+    from sftflow.configs.schema import TemplateConfig
+    from sftflow.records import write_jsonl
+    from sftflow.tasks.template import template
+
+    recs = records(n)
+    write_jsonl(work / "train.jsonl", recs[: n - 16])
+    write_jsonl(work / "val.jsonl", recs[n - 16:])
+    return template({"train": str(work / "train.jsonl"), "val": str(work / "val.jsonl")}, model,
+                    TemplateConfig(max_length=2048), out_dir=work / "tokens")["paths"]
+
+
+def peak_tflops(override: float | None) -> float | None:
+    import torch
+
+    if override or not torch.cuda.is_available():
+        return override
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def train_once(method: str, paths: dict, model: str, work: Path, args, launcher: dict | None = None) -> dict:
+    """One training through the pipeline's own stage function (or its accelerate launcher) -> a result row."""
+    from sftflow import launch
+    from sftflow.configs.schema import TrainConfig
+
+    cfg = TrainConfig(method=method, max_steps=args.steps, batch_size=args.batch_size, logging_steps=args.steps,
+                      learning_rate=1e-4, warmup_ratio=0.0, launcher=launcher or {})
+    out = work / f"run-{method}{'-fsdp' if launcher else ''}"
+    started = time.perf_counter()
+    result = launch.launch({"token_paths": paths, "model_path": model, "out_dir": str(out),
+                            "trust_remote_code": False}, cfg)
+    m, p = result["metrics"], result["params"]
+    return {"run": f"{method}{' (FSDP, 1 process)' if launcher else ''}", "precision": p["train.precision_resolved"],
+            "attention": p["train.attention"], "kernels": p["train.kernels_resolved"], "steps": m["train/steps"],
+            "tokens_per_s": m["train/tokens_per_s"], "params": m["train/total_params"],
+            "peak_gpu_mem_mb": m.get("train/peak_gpu_mem_mb"), "loss": m["train/final_loss"],
+            "wall_s": time.perf_counter() - started}
+
+
+def run_tests() -> str:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS], cwd=REPO,
+                          capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    return f"{'ok' if proc.returncode == 0 else 'FAILED'}: {lines[-1] if lines else proc.stderr[-500:]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--records", type=int, default=800)
+    ap.add_argument("--model", help="a real model folder (safetensors + tokenizer); default: one built here")
+    ap.add_argument("--size", choices=sorted(SIZES), default=None, help="built model: small (GPU) or tiny (CPU)")
+    ap.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, for MFU")
+    ap.add_argument("--no-tests", action="store_true", help="skip the pytest run")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    from sftflow import env
+
+    env.configure(offline=True)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    work = workdir()
+    if not cuda:
+        args.steps, args.records, args.batch_size = min(args.steps, 3), min(args.records, 48), min(args.batch_size, 4)
+    args.size = args.size or ("small" if cuda else "tiny")
+    device = torch.cuda.get_device_name() if cuda else "no CUDA: CPU smoke run, numbers say nothing about GPUs"
+    print(f"device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    model = model_path(args, work)
+    paths = tokens(model, work, args.records)
+    peak = peak_tflops(args.peak_tflops)
+
+    rows, skipped = [], []
+    for method in ("lora", "full", "qlora"):
+        if method == "qlora" and not cuda:
+            skipped.append("qlora (needs CUDA and bitsandbytes)")
+            continue
+        rows.append(train_once(method, paths, model, work, args))
+    if cuda:
+        fsdp = {"kind": "accelerate", "num_processes": 1, "config_file": str(REPO / "configs/accelerate/fsdp.yaml")}
+        rows.append(train_once("full", paths, model, work, args, launcher=fsdp))
+    else:
+        skipped.append("FSDP (configs/accelerate/fsdp.yaml needs CUDA)")
+    for r in rows:
+        r["mfu"] = 6 * r["params"] * r["tokens_per_s"] / (peak * 1e12) if peak else None
+
+    print(f"model: {model} ({rows[0]['params'] / 1e6:.1f}M parameters); {args.steps} steps of batch {args.batch_size}"
+          f"; peak bf16 {peak or '?'} TFLOP/s")
+    print(f"{'run':<24} {'precision':<9} {'attention':<36} {'kernels':<7} {'tokens/s':>10} {'peak MiB':>9} "
+          f"{'MFU':>6} {'loss':>7}")
+    for r in rows:
+        mem = f"{r['peak_gpu_mem_mb']:.0f}" if r["peak_gpu_mem_mb"] is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{r['run']:<24} {r['precision']:<9} {r['attention']:<36} {r['kernels']:<7} {r['tokens_per_s']:>10.0f} "
+              f"{mem:>9} {mfu:>6} {r['loss']:>7.3f}")
+    for s in skipped:
+        print(f"skipped: {s}")
+    tests = "skipped (--no-tests)" if args.no_tests else run_tests() if cuda else "skipped (no CUDA)"
+    print(f"CUDA-relevant tests ({' '.join(TESTS)}): {tests}")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows,
+                                         "skipped": skipped, "tests": tests}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
