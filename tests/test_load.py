@@ -66,7 +66,9 @@ def test_malformed_rows_are_rejected_with_reason_not_dropped(tmp_path):
 def test_invalid_json_names_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
-        load_source(Source(path="bad.jsonl"), tmp_path)
+        load_source(Source(path="bad.jsonl"), tmp_path, on_bad_record="fail")
+    records, rejects, _ = load_source(Source(path="bad.jsonl"), tmp_path)  # the default: reject the line only
+    assert len(records) == 1 and (rejects[0]["index"], rejects[0]["reason"][:12]) == (2, "invalid JSON")
 
 
 def test_missing_data_root_explains_how_to_point_at_it(tmp_path):

@@ -56,4 +56,5 @@ def test_error_share_past_the_threshold_stops_the_run():
     errors, _, report = preflight(good + [bad], PreflightConfig(max_error_share=0.1, count_tokens=False), None, 512)
     assert errors == {"bad": "consecutive_assistant_turns"} and report["error_share"] == pytest.approx(0.1)
     with pytest.raises(PreflightError, match=r"18.2% of 11 input records are invalid.*max_error_share"):
-        preflight(good + [bad], PreflightConfig(max_error_share=0.1), None, 512, load_rejected=1)
+        preflight(good + [bad], PreflightConfig(max_error_share=0.1), None, 512,
+                  load_rejects=[{"file": "f.jsonl", "index": 99, "reason": "invalid JSON: Expecting value"}])
