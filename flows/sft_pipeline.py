@@ -29,7 +29,7 @@ from sftflow.tracking import parent_run
 
 def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> dict:
     """load -> curate (pre-flight, filters, exact + near dedup) -> split (grouped, decontaminated)."""
-    loaded = load_task(ctx, config.data, config.curate)
+    loaded = load_task(ctx, config.data, policy=config.curate)
     curated = curate_task(ctx, loaded["records"], config.curate, tokenizer=tokenizer,
                           max_length=config.template.max_length, system_prompt=config.template.system_prompt,
                           load_rejects=loaded["rejects"])

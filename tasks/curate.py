@@ -41,7 +41,7 @@ def cluster_report(records: list[dict], near: minhash.NearDuplicates, examples: 
 
 
 # Where to look when one rule removes most of the data.
-HINTS = {"label_not_allowed": "curate.allowed_labels (checked against `label`, else the final assistant turn)",
+HINTS = {"label_not_allowed": "curate.allowed_labels, checked against `label`, else the final assistant turn",
          "turn_too_short": "curate.min_chars", "too_many_chars": "curate.max_chars",
          "too_few_tokens": "curate.min_tokens", "too_many_tokens": "curate.max_tokens",
          "garbled": "curate.max_garbled", "repetitive": "curate.max_repetition", "boilerplate": "curate.reject_patterns",
