@@ -44,7 +44,8 @@ def cluster_report(records: list[dict], near: minhash.NearDuplicates, examples: 
 HINTS = {"label_not_allowed": "curate.allowed_labels, checked against `label`, else the final assistant turn",
          "turn_too_short": "curate.min_chars", "too_many_chars": "curate.max_chars",
          "too_few_tokens": "curate.min_tokens", "too_many_tokens": "curate.max_tokens",
-         "garbled": "curate.max_garbled", "repetitive": "curate.max_repetition", "boilerplate": "curate.reject_patterns",
+         "garbled": "curate.max_garbled", "repetitive": "curate.max_repetition",
+         "boilerplate": "curate.reject_patterns",
          "oversize": "curate.max_record_bytes"}
 
 

@@ -95,7 +95,8 @@ def test_unchanged_rerun_is_a_cache_hit(tmp_path):
 
 
 def test_allowed_labels_check_the_final_assistant_turn_of_records_without_a_label(tmp_path):
-    records = [make_record(0, "review one, a good film", " positive\n"), make_record(1, "review two, a dull film", "negative"),
+    records = [make_record(0, "review one, a good film", " positive\n"),
+               make_record(1, "review two, a dull film", "negative"),
                make_record(2, "review three", "Sure! Here is my take on it."),
                make_record(3, "review four, labelled", "whatever text", label="positive")]
     out = run(tmp_path, records, allowed_labels=["positive", "negative"], near_dedup={"enabled": False})
