@@ -84,7 +84,15 @@ class CurateConfig(Section):
         default_factory=lambda: [r"\bas an ai (language )?model\b", r"\bi(?: am|'m) sorry,? but i can(?:no|')t\b",
                                  r"\bi cannot (?:help|assist) with\b", r"lorem ipsum"],
         description="regexes (case-insensitive) for refusals and boilerplate in assistant turns")
-    allowed_labels: list[str] | None = None
+    allowed_labels: list[str] | None = Field(
+        None, description="keep only records whose label is one of these: the `label` field, or for records "
+                          "without one (chat formats) the final assistant turn, stripped of surrounding whitespace")
+    on_bad_record: Literal["reject", "fail"] = Field(
+        "reject", description="a line that cannot be read as a record (invalid JSON, not UTF-8, oversize, wrong "
+                              "schema, unknown role): reject writes it to load_rejects.jsonl with file:line and "
+                              "reason (counted against preflight.max_error_share); fail stops at the first")
+    max_record_bytes: Positive = Field(4_000_000, description="a raw record (one JSONL line) larger than this is "
+                                                             "rejected as oversize without being parsed")
     exact_dedup: bool = True
     near_dedup: NearDedupConfig = NearDedupConfig()
 

@@ -29,10 +29,10 @@ from sftflow.tracking import parent_run
 
 def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> dict:
     """load -> curate (pre-flight, filters, exact + near dedup) -> split (grouped, decontaminated)."""
-    loaded = load_task(ctx, config.data)
+    loaded = load_task(ctx, config.data, policy=config.curate)
     curated = curate_task(ctx, loaded["records"], config.curate, tokenizer=tokenizer,
                           max_length=config.template.max_length, system_prompt=config.template.system_prompt,
-                          load_rejected=loaded["ledger"]["rejected"])
+                          load_rejects=loaded["rejects"])
     splits = split_task(ctx, curated["records"], config.split, upstream={"load": loaded["ledger"],
                                                                          "curate": curated["ledger"]},
                         benchmarks=decontam_targets(config.eval), data_root=config.data.root)

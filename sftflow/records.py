@@ -26,7 +26,11 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     n = 0
     with path.open("w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            line = json.dumps(row, ensure_ascii=False)
+            try:
+                fh.write(line + "\n")
+            except UnicodeEncodeError:  # a lone surrogate (from undecodable input) is written escaped
+                fh.write(json.dumps(row) + "\n")
             n += 1
     return n
 
@@ -50,8 +54,28 @@ def prompt_messages(record: dict) -> list[dict]:
     return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
 
 
+def label_of(record: dict) -> str | None:
+    """What `curate.allowed_labels` checks: the label field, else the final assistant turn (stripped)."""
+    if record.get("label") is not None:
+        return record["label"]
+    last = next((m for m in reversed(record["messages"]) if m["role"] == "assistant"), None)
+    return None if last is None else last["content"].strip()
+
+
 def reference(record: dict) -> str:
     """The expected answer: the label when present, else the final assistant turn."""
     if record.get("label") is not None:
         return record["label"]
     return record["messages"][-1]["content"]
+
+
+def snippet(record: dict, width: int = 70) -> str:
+    """The last user turn and the final turn, shortened: enough to recognise a record in a message."""
+    msgs = record.get("messages") or []
+    user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+
+    def cut(text: str) -> str:
+        text = text.strip()
+        return repr(text if len(text) <= width else text[:width] + "...")
+
+    return f"user: {cut(user)} -> {msgs[-1]['role']}: {cut(msgs[-1]['content'])}" if msgs else "(no messages)"

@@ -2,7 +2,9 @@
 
 records in = kept + rejected (pre-flight and filters) + exact duplicates + near duplicates, asserted.
 Each removed record is one row of curate_rejects.jsonl with the rule that fired and its provenance;
-duplicates name their keeper. Cached by the content of the input and tokenizer and the config.
+duplicates name their keeper. A rule that removes more than half of the data (load rejects included)
+is named with its count and an example in the counts, the report and the empty-split error.
+Cached by the content of the input and tokenizer and the config.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from sftflow import cache
 from sftflow.configs.schema import CurateConfig
-from sftflow.records import read_jsonl, reject, write_jsonl
+from sftflow.records import read_jsonl, reject, snippet, write_jsonl
 from sftflow.tasks.dedup import exact, minhash
 from sftflow.tasks.filters import filter_reason
 from sftflow.tasks.preflight import preflight, tokenizer_files
@@ -38,10 +40,38 @@ def cluster_report(records: list[dict], near: minhash.NearDuplicates, examples: 
                         for c in near.clusters[:examples]]}
 
 
+# Where to look when one rule removes most of the data.
+HINTS = {"label_not_allowed": "curate.allowed_labels, checked against `label`, else the final assistant turn",
+         "turn_too_short": "curate.min_chars", "too_many_chars": "curate.max_chars",
+         "too_few_tokens": "curate.min_tokens", "too_many_tokens": "curate.max_tokens",
+         "garbled": "curate.max_garbled", "repetitive": "curate.max_repetition",
+         "boilerplate": "curate.reject_patterns",
+         "oversize": "curate.max_record_bytes"}
+
+
+def dominant_rules(records: list[dict], reasons: dict[str, str], load_rejects: list[dict]) -> list[dict]:
+    """Rules (load reasons included) that removed more than half of all records in, each with an example."""
+    total = len(records) + len(load_rejects)
+    examples: dict[str, dict] = {}
+    counts: Counter = Counter()
+    for row in load_rejects:
+        kind = row["reason"].split(":", 1)[0]
+        counts[kind] += 1
+        examples.setdefault(kind, {"id": row["id"], "file": row["file"], "index": row["index"],
+                                   "text": str(row["record"].get("raw", ""))[:140]})
+    for r in records:
+        if rule := reasons.get(r["id"]):
+            counts[rule] += 1
+            examples.setdefault(rule, {"id": r["id"], "file": r["file"], "index": r["index"], "text": snippet(r)})
+    return [{"rule": rule, "count": n, "records_in": total, "hint": HINTS.get(rule.removeprefix("preflight:"), ""),
+             "example": examples[rule]} for rule, n in counts.most_common() if n * 2 > total]
+
+
 def _curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str | None, max_length: int,
-            system_prompt: str | None, load_rejected: int) -> dict:
+            system_prompt: str | None, load_rejects_path: str | None) -> dict:
     records = list(read_jsonl(Path(records_path)))
-    errors, tokens, pre_report = preflight(records, cfg.preflight, tokenizer, max_length, system_prompt, load_rejected)
+    load_rejects = list(read_jsonl(Path(load_rejects_path))) if load_rejects_path else []
+    errors, tokens, pre_report = preflight(records, cfg.preflight, tokenizer, max_length, system_prompt, load_rejects)
     reasons: dict[str, str] = {}  # id -> why it goes
     duplicate_of: dict[str, str] = {}
     for r in records:
@@ -80,6 +110,7 @@ def _curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str 
               "exact_dup": by_reason["exact_duplicate"], "near_dup": by_reason["near_duplicate"]}
     counts["rejected"] = len(reasons) - counts["exact_dup"] - counts["near_dup"]
     counts["by_reason"] = dict(sorted(by_reason.items()))
+    counts["dominant"] = dominant_rules(records, reasons, load_rejects)
     assert counts["records_in"] == counts["kept"] + sum(counts[k] for k in REMOVED), f"accounting: {counts}"
 
     write_jsonl(out_dir / "curated.jsonl", kept)
@@ -102,12 +133,13 @@ def _curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str 
 
 
 def curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str | None = None, max_length: int = 512,
-           system_prompt: str | None = None, load_rejected: int = 0) -> dict:
-    """Curate `records_path` (load's records.jsonl); `tokenizer` (the base model's folder) enables token counts."""
-    key = cache.key("curate-v1", Path(records_path), cfg, tokenizer_files(tokenizer), max_length, system_prompt,
-                    load_rejected)
+           system_prompt: str | None = None, load_rejects: str | None = None) -> dict:
+    """Curate `records_path` (load's records.jsonl); `tokenizer` (the base model's folder) enables token counts;
+    `load_rejects` (load's load_rejects.jsonl) counts toward the pre-flight error share and is listed in its error."""
+    key = cache.key("curate-v2", Path(records_path), cfg, tokenizer_files(tokenizer), max_length, system_prompt,
+                    Path(load_rejects) if load_rejects else None)
     return cached("curate", key, out_dir, lambda d: _curate(records_path, cfg, d, tokenizer, max_length,
-                                                            system_prompt, load_rejected))
+                                                            system_prompt, load_rejects))
 
 
 curate_task = stage_task(curate, "curate")

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+from sftflow.records import snippet
+
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
     return [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}", *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
+def dominant_lines(upstream: dict, contaminated: list[dict] | None = None) -> list[str]:
+    """One line per rule that removed more than half of the data: rule, count, where to look, an example."""
+    rules = list((upstream.get("curate") or {}).get("dominant") or [])
+    records_in = upstream.get("load", {}).get("rows") or (rules[0]["records_in"] if rules else 0)
+    if records_in and contaminated and len(contaminated) * 2 > records_in:
+        first = contaminated[0]
+        rules.append({"rule": "contaminated", "count": len(contaminated), "records_in": records_in,
+                      "hint": "split.decontam", "example": {"id": first["id"], "file": first["file"],
+                                                            "index": first["index"], "text": snippet(first["record"])}})
+    out = []
+    for d in rules:
+        e = d["example"]
+        hint = f" (see {d['hint']})" if d.get("hint") else ""
+        out.append(f"rule {d['rule']} removed {d['count']} of {d['records_in']} records{hint}, "
+                   f"e.g. {e['id']} at {e['file']}:{e['index']}: {e['text']}")
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -15,6 +35,9 @@ def markdown(report: dict) -> str:
              f"**{a['records_in']}** records in = **{a['kept']}** kept "
              f"({kept}) + {a['rejected']} rejected + "
              f"{a['exact_dup']} exact duplicates + {a['near_dup']} near duplicates + {a['contaminated']} contaminated", ""]
+    if report.get("dominant"):
+        lines += ["### Warning: one rule removed most of the data", "", *(f"- {line}" for line in report["dominant"]),
+                  ""]
     load = report.get("load", {})
     if load.get("per_source"):
         lines += ["### Sources", "", *_table(["source", "available", "loaded", "unreadable"],
@@ -31,6 +54,9 @@ def markdown(report: dict) -> str:
                       f"p95 {t['p95']:.0f}, max {t['max']}; {t['over_max_length']} records "
                       f"({t['over_max_length_share']:.1%}) longer than max_length {t['max_length']}"]
         lines.append("")
+    if load.get("by_reason"):
+        lines += ["### Unreadable rows by reason", "", *_table(["reason", "rows"], sorted(load["by_reason"].items())),
+                  "", "each is in `load_rejects.jsonl` with its file:line", ""]
     if cur.get("by_reason"):
         lines += ["### Removed by rule", "", *_table(["rule", "records"], sorted(cur["by_reason"].items())), ""]
     near = cur.get("near_dedup") or {}

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from sftflow.configs.schema import CurateConfig
+from sftflow.records import label_of
 
 _WORD = re.compile(r"\w+")
 _OK_CONTROL = {"\n", "\t", "\r"}
@@ -54,7 +55,7 @@ FILTERS: dict[str, Rule] = {
     "garbled": lambda r, t, c: any(garbled(m["content"]) > c.max_garbled for m in r["messages"]),
     "repetitive": lambda r, t, c: any(repetition(m["content"]) > c.max_repetition for m in r["messages"]),
     "boilerplate": lambda r, t, c: _boilerplate(r, c),
-    "label_not_allowed": lambda r, t, c: c.allowed_labels is not None and r.get("label") not in c.allowed_labels,
+    "label_not_allowed": lambda r, t, c: c.allowed_labels is not None and label_of(r) not in c.allowed_labels,
 }
 
 

@@ -1,12 +1,12 @@
 """Stage 1: read every configured source and normalise it into canonical records.
 
-Formats are a small registry: each knows how to recognise a raw row and turn it into messages.
-A raw row that fits no format is rejected with its file and line, never dropped silently.
+Formats are a small registry: each knows how to recognise a raw row and turn it into messages. Every
+row is kept or rejected with its file, line and a `kind: detail` reason (invalid JSON, not UTF-8,
+oversize, wrong schema, unknown role); `curate.on_bad_record: fail` stops at the first instead.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import random
@@ -15,37 +15,49 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftflow import cache
-from sftflow.configs.schema import DataConfig, Source
+from sftflow.configs.schema import CurateConfig, DataConfig, Source
 from sftflow.records import ROLES, record_id, reject, write_jsonl
+from sftflow.tasks.readers import DEFAULT_MAX_BYTES, Bad, DataError, read_rows
 from sftflow.tasks.stagecache import cached
 from sftflow.tracking import stage_task
 
+__all__ = ["DataError", "FORMATS", "load", "load_source", "normalise", "source_files"]
 
-class DataError(ValueError):
-    """Input that cannot be read at all (missing files, broken JSON); names the file and line."""
+
+class BadRow(ValueError):
+    """A row that reads but is no record; the message is the reject reason (`kind: detail`)."""
 
 
 @dataclass(frozen=True)
 class Format:
     detect: Callable[[dict], bool]
-    convert: Callable[[dict], tuple[list[dict], str | None]]  # -> (messages, label)
+    convert: Callable[[dict], tuple[list[dict], object]]  # -> (messages, label)
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadRow(f"wrong schema: {what} must be text, not {type(value).__name__}")
+    return value
 
 
 def _turn(role: object, content: object, where: str) -> dict:
-    if role not in ROLES or not isinstance(content, str):
-        raise ValueError(f"{where} needs role in {ROLES} and string content (got role {role!r})")
-    return {"role": role, "content": content}
+    if not isinstance(role, str) or role not in ROLES:
+        raise BadRow(f"unknown role: {where} has role {role!r}, expected one of {', '.join(ROLES)}")
+    return {"role": role, "content": _text(content, f"{where} content")}
 
 
 def _listed(value: object, key: str) -> list:
     if isinstance(value, str):  # CSV cells hold JSON text
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise BadRow(f"wrong schema: '{key}' holds text that is not a JSON list") from None
     if not isinstance(value, list) or not value:
-        raise ValueError(f"'{key}' must be a non-empty list")
+        raise BadRow(f"wrong schema: '{key}' must be a non-empty list")
     return value
 
 
-def _messages(row: dict) -> tuple[list[dict], str | None]:
+def _messages(row: dict) -> tuple[list[dict], object]:
     msgs = _listed(row["messages"], "messages")
     turns = [m if isinstance(m, dict) else {} for m in msgs]
     return [_turn(m.get("role"), m.get("content"), f"messages[{i}]") for i, m in enumerate(turns)], row.get("label")
@@ -55,43 +67,43 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"}
 
 
-def _sharegpt(row: dict) -> tuple[list[dict], str | None]:
+def _sharegpt(row: dict) -> tuple[list[dict], object]:
     turns = _listed(row["conversations"], "conversations")
     out = []
     for i, t in enumerate(turns):
         if not isinstance(t, dict):
-            raise ValueError(f"conversations[{i}] is not an object")
-        out.append(_turn(SHAREGPT_ROLES.get(str(t.get("from", "")).lower()), t.get("value"), f"conversations[{i}]"))
+            raise BadRow(f"wrong schema: conversations[{i}] is not an object")
+        speaker = t.get("from", "")
+        out.append(_turn(SHAREGPT_ROLES.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker,
+                         t.get("value"), f"conversations[{i}]"))
     return out, row.get("label")
 
 
 def _instruction(instruction: object, context: object, answer: object) -> list[dict]:
-    if not isinstance(instruction, str) or not isinstance(answer, str):
-        raise ValueError("instruction and answer must be strings")
+    instruction, answer = _text(instruction, "instruction"), _text(answer, "the answer")
     context = context if isinstance(context, str) else ""
     user = f"{instruction.strip()}\n\n{context.strip()}" if context.strip() else instruction
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
-def _alpaca(row: dict) -> tuple[list[dict], str | None]:
+def _alpaca(row: dict) -> tuple[list[dict], object]:
     return _instruction(row["instruction"], row.get("input"), row["output"]), row.get("label")
 
 
-def _dolly(row: dict) -> tuple[list[dict], str | None]:
+def _dolly(row: dict) -> tuple[list[dict], object]:
     return _instruction(row["instruction"], row.get("context"), row["response"]), row.get("label")
 
 
-def _prompt_completion(row: dict) -> tuple[list[dict], str | None]:
-    prompt, completion = row["prompt"], row["completion"]
-    if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise ValueError("'prompt' and 'completion' must be strings")
+def _prompt_completion(row: dict) -> tuple[list[dict], object]:
+    prompt, completion = _text(row["prompt"], "'prompt'"), _text(row["completion"], "'completion'")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], row.get("label")
 
 
-def _superni(row: dict) -> tuple[list[dict], str | None]:
-    # Rows are pre-joined with their task's definition by _read_superni.
-    answer = row["output"][0]
-    user = f"{row['definition'].strip()}\n\n{row['input'].strip()}"
+def _superni(row: dict) -> tuple[list[dict], object]:
+    # Rows are pre-joined with their task's definition by the JSON reader.
+    outputs = row["output"]
+    answer = _text(outputs[0] if isinstance(outputs, list) and outputs else outputs, "output[0]")
+    user = f"{_text(row['definition'], 'definition').strip()}\n\n{_text(row['input'], 'input').strip()}"
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], answer
 
 
@@ -106,74 +118,43 @@ FORMATS: dict[str, Format] = {
 }
 # Row fields kept in meta (used by the split for stratification and grouping).
 META_FIELDS = ("category", "native_id", "conversation_id", "group")
+_SCALAR = (str, int, float, bool)
 
 
-def _is_superni_task(obj: object) -> bool:
-    return isinstance(obj, dict) and "Instances" in obj and "Definition" in obj
-
-
-def _read_superni(task: dict) -> Iterator[tuple[int, dict]]:
-    definition = task["Definition"][0] if isinstance(task["Definition"], list) else task["Definition"]
-    for i, inst in enumerate(task["Instances"]):
-        yield i, {"definition": definition, "input": inst.get("input"), "output": inst.get("output"),
-                  "native_id": inst.get("id")}
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-
-
-def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
+def _encodable(text: str, what: str) -> str:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    if _is_superni_task(obj):
-        yield from _read_superni(obj)
-    elif isinstance(obj, list):
-        yield from enumerate(obj)
-    else:
-        raise DataError(f"{path}: expected a JSON list of records or a Super-NaturalInstructions task file")
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow(f"not UTF-8: {what} holds undecodable bytes or a lone surrogate") from None
+    return text
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        start = 2  # the line a row starts on (1-based; line 1 is the header)
-        for row in reader:
-            if None in row:
-                raise DataError(f"{path}:{start}: more cells than header columns")
-            yield start, row
-            start = reader.line_num + 1
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq
-
+def normalise(row: object, fmt_name: str = "auto") -> tuple[list[dict], str | None, dict]:
+    """A raw row -> (messages, label, meta); raises BadRow with the reason it is no record."""
+    if isinstance(row, Bad):
+        raise BadRow(row.reason)
+    if not isinstance(row, dict):
+        raise BadRow(f"wrong schema: row is a JSON {type(row).__name__}, not an object")
+    if fmt_name == "auto":
+        fmt_name = next((n for n, f in FORMATS.items() if f.detect(row)), "")
+        if not fmt_name:
+            raise BadRow(f"wrong schema: no known format fits keys {sorted(row)[:20]} (known: {', '.join(FORMATS)})")
     try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for broken files
-        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
-    yield from enumerate(table.to_pylist())
-
-
-READERS: dict[str, Callable[[Path], Iterator[tuple[int, dict]]]] = {
-    ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-
-
-def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(index, raw row): JSONL and CSV give the 1-based line, JSON and Parquet the 0-based item."""
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (expected {', '.join(READERS)})")
-    yield from reader(path)
+        messages, label = FORMATS[fmt_name].convert(row)
+    except KeyError as exc:
+        raise BadRow(f"wrong schema: missing field {exc} for format {fmt_name}") from None
+    if label is not None and not isinstance(label, _SCALAR):
+        raise BadRow(f"wrong schema: label must be text or a number, not {type(label).__name__}")
+    for m in messages:
+        _encodable(m["content"], f"{m['role']} turn")
+    label = None if label is None else _encodable(str(label), "label")
+    meta = {"format": fmt_name}
+    for k in META_FIELDS:
+        if row.get(k) not in (None, ""):
+            if not isinstance(row[k], _SCALAR):
+                raise BadRow(f"wrong schema: '{k}' must be text or a number, not {type(row[k]).__name__}")
+            meta[k] = row[k]
+    return messages, label, meta
 
 
 def source_files(source: Source, root: Path) -> list[Path]:
@@ -209,28 +190,38 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.resolve())
 
 
-def _convert(row: object, fmt_name: str) -> tuple[list[dict], str | None, str]:
-    if not isinstance(row, dict):
-        raise ValueError("row is not a JSON object")
-    if fmt_name == "auto":
-        fmt_name = next((n for n, f in FORMATS.items() if f.detect(row)), "")
-        if not fmt_name:
-            raise ValueError(f"no known format fits keys {sorted(row)} (known: {', '.join(FORMATS)})")
-    messages, label = FORMATS[fmt_name].convert(row)
-    return messages, (None if label is None else str(label)), fmt_name
+def _where(file: str, idx: int) -> str:
+    return f"{file}:{idx}"
 
 
-def load_source(source: Source, root: Path, seed: int = 0) -> tuple[list[dict], list[dict], int]:
-    """-> (records, rejects, rows available before subsampling)."""
+def _raw_excerpt(row: object) -> str:
+    """What a reject row shows of its input: the start of its JSON text (bounded, always writable)."""
+    if isinstance(row, Bad):
+        return row.excerpt
+    try:
+        text = json.dumps(row, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):
+        return "<nested too deeply to show>"
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+def load_source(source: Source, root: Path, seed: int = 0, on_bad_record: str = "reject",
+                max_record_bytes: int = DEFAULT_MAX_BYTES) -> tuple[list[dict], list[dict], int]:
+    """-> (records, rejects, rows available before subsampling); `on_bad_record: fail` raises at the first."""
     if source.hub:
         name = source.name or source.hub
         streams = [(source.hub, _hub_rows(source))]
     else:
         files = source_files(source, root)
         name = source.name or (files[0].stem if len(files) == 1 else Path(source.path).stem)
-        streams = [(_relative(f, root), read_rows(f)) for f in files]
+        streams = [(_relative(f, root), read_rows(f, max_record_bytes)) for f in files]
 
-    raw = [(file, idx, row) for file, rows in streams for idx, row in rows]
+    raw = []
+    for file, rows in streams:
+        for idx, row in rows:
+            if on_bad_record == "fail" and isinstance(row, Bad):  # stop reading here, not after the file
+                raise DataError(f"{_where(file, idx)}: {row.reason} (curate.on_bad_record: fail)")
+            raw.append((file, idx, row))
     available = len(raw)
     keep = min(source.max_records or available, round(available * (source.weight or 1.0)))
     if keep < available:
@@ -241,33 +232,37 @@ def load_source(source: Source, root: Path, seed: int = 0) -> tuple[list[dict], 
     for file, idx, row in raw:
         base = {"id": record_id(name, file, idx), "source": name, "file": file, "index": idx}
         try:
-            messages, label, fmt = _convert(row, source.format)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            rejects.append(reject({**base, "raw": row}, "load", f"malformed: {exc}"))
+            messages, label, meta = normalise(row, source.format)
+        except BadRow as exc:
+            if on_bad_record == "fail":
+                raise DataError(f"{_where(file, idx)}: {exc} (curate.on_bad_record: fail)") from None
+            rejects.append(reject({**base, "raw": _raw_excerpt(row)}, "load", str(exc)))
             continue
-        meta = {"format": fmt, **{k: row[k] for k in META_FIELDS if row.get(k) not in (None, "")}}
         records.append({**base, "messages": messages, "label": label, "meta": meta})
     if not records:
-        first = rejects[0]["reason"] if rejects else "no rows"
-        raise DataError(f"source {name!r} yielded no usable record ({first})")
+        first = f"{_where(rejects[0]['file'], rejects[0]['index'])}: {rejects[0]['reason']}" if rejects else "no rows"
+        raise DataError(f"source {name!r} yielded no usable record ({len(rejects)} rejected; first {first})")
     return records, rejects, available
 
 
-def load(cfg: DataConfig, out_dir: Path) -> dict:
+def load(cfg: DataConfig, out_dir: Path, policy: CurateConfig | None = None) -> dict:
     """Load every source; write records.jsonl and load_rejects.jsonl; return paths and counts.
 
+    `policy` gives curate.on_bad_record and curate.max_record_bytes (defaults: reject, 4 MB).
     Cached by the config and the content of every matched file (hub sources by id and split)."""
+    policy = policy or CurateConfig()
+    bad = {"on_bad_record": policy.on_bad_record, "max_record_bytes": policy.max_record_bytes}
     root = Path(cfg.root)
     inputs = [s.hub or [(_relative(f, root), f) for f in source_files(s, root)] for s in cfg.sources]
-    return cached("load", cache.key("load-v1", cfg.model_dump(exclude={"root"}), inputs), out_dir,
-                  lambda d: _load(cfg, d))
+    return cached("load", cache.key("load-v2", cfg.model_dump(exclude={"root"}), bad, inputs), out_dir,
+                  lambda d: _load(cfg, d, bad))
 
 
-def _load(cfg: DataConfig, out_dir: Path) -> dict:
+def _load(cfg: DataConfig, out_dir: Path, bad: dict) -> dict:
     root = Path(cfg.root)
     records, rejects, per_source = [], [], {}
     for source in cfg.sources:
-        recs, rejs, available = load_source(source, root, cfg.seed)
+        recs, rejs, available = load_source(source, root, cfg.seed, **bad)
         name = recs[0]["source"]
         per_source[name] = {"available": available, "loaded": len(recs), "rejected": len(rejs)}
         records += recs
@@ -279,11 +274,23 @@ def _load(cfg: DataConfig, out_dir: Path) -> dict:
     write_jsonl(out_dir / "records.jsonl", records)
     write_jsonl(out_dir / "load_rejects.jsonl", rejects)
     (out_dir / "sources.json").write_text(json.dumps(per_source, indent=2))
+    by_reason = reason_counts(rejects)
     return {"records": str(out_dir / "records.jsonl"), "rejects": str(out_dir / "load_rejects.jsonl"),
             "metrics": {"load/records": len(records), "load/rejected": len(rejects),
-                        "load/sources": len(per_source)},
-            "ledger": {"rows": len(records) + len(rejects), "rejected": len(rejects), "per_source": per_source},
+                        "load/sources": len(per_source),
+                        **{f"load/rejected/{k.replace(' ', '_')}": v for k, v in by_reason.items()}},
+            "ledger": {"rows": len(records) + len(rejects), "rejected": len(rejects), "per_source": per_source,
+                       "by_reason": by_reason},
             "artifacts": [out_dir / "sources.json", out_dir / "load_rejects.jsonl"]}
+
+
+def reason_counts(rejects: list[dict]) -> dict[str, int]:
+    """Rejects counted by the kind of their reason (the text before the first colon)."""
+    out: dict[str, int] = {}
+    for r in rejects:
+        kind = r["reason"].split(":", 1)[0]
+        out[kind] = out.get(kind, 0) + 1
+    return dict(sorted(out.items()))
 
 
 load_task = stage_task(load, "load")

@@ -9,6 +9,7 @@ any training time is spent.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from sftflow.configs.schema import PreflightConfig
 from sftflow.records import ROLES
-from sftflow.tasks.load import DataError
+from sftflow.tasks.readers import DataError
 
 
 def _roles(r: dict) -> list[str]:
@@ -61,12 +62,26 @@ def token_counts(records: list[dict], tokenizer_path: str, system_prompt: str | 
     return [None if t is None else next(lengths) for t in texts]
 
 
+def where(row: dict) -> str:
+    """`file:line: reason` of a rejects-file row or a record with its error."""
+    return f"{row.get('file')}:{row.get('index')}: {row['reason']}"
+
+
+def _offending(records: list[dict], errors: dict[str, str], load_rejects: list[dict], limit: int = 20) -> list[str]:
+    rows = [*load_rejects, *({**r, "reason": f"preflight:{errors[r['id']]}"} for r in records if r["id"] in errors)]
+    rows.sort(key=lambda r: (str(r.get("file")), r.get("index") if isinstance(r.get("index"), int) else -1))
+    return [where(r) for r in rows[:limit]]
+
+
 def preflight(records: list[dict], cfg: PreflightConfig, tokenizer_path: str | None, max_length: int,
-              system_prompt: str | None = None, load_rejected: int = 0) -> tuple[dict, dict, dict]:
-    """-> ({id: error rule}, {id: token count}, report); raises PreflightError past the threshold."""
+              system_prompt: str | None = None, load_rejects: list[dict] | None = None) -> tuple[dict, dict, dict]:
+    """-> ({id: error rule}, {id: token count}, report); raises PreflightError past the threshold.
+
+    `load_rejects` (load_rejects.jsonl rows) count as invalid input too and are listed in the error."""
+    load_rejects = load_rejects or []
     errors = {r["id"]: e for r in records if (e := structure_error(r))}
     tokens: dict[str, int] = {}
-    report: dict = {"records": len(records), "load_rejected": load_rejected}
+    report: dict = {"records": len(records), "load_rejected": len(load_rejects)}
     if cfg.count_tokens and tokenizer_path:
         valid = [r for r in records if r["id"] not in errors]
         for r, n in zip(valid, token_counts(valid, tokenizer_path, system_prompt)):
@@ -79,17 +94,21 @@ def preflight(records: list[dict], cfg: PreflightConfig, tokenizer_path: str | N
                             "p95": float(np.percentile(counts, 95)), "max": int(counts.max()),
                             "max_length": max_length, "over_max_length": int((counts > max_length).sum()),
                             "over_max_length_share": float((counts > max_length).mean()) if tokens else 0.0}
-    by_rule: dict[str, int] = {}
-    for e in errors.values():
-        by_rule[e] = by_rule.get(e, 0) + 1
-    seen = len(records) + load_rejected
-    report.update(errors=len(errors), by_rule=by_rule, max_error_share=cfg.max_error_share,
-                  error_share=(len(errors) + load_rejected) / seen if seen else 0.0)
+    by_rule = dict(Counter(errors.values()))
+    unreadable = dict(Counter(r["reason"].split(":", 1)[0] for r in load_rejects))
+    seen = len(records) + len(load_rejects)
+    report.update(errors=len(errors), by_rule=by_rule, load_by_reason=unreadable, max_error_share=cfg.max_error_share,
+                  error_share=(len(errors) + len(load_rejects)) / seen if seen else 0.0)
     if report["error_share"] > cfg.max_error_share:
+        bad = len(errors) + len(load_rejects)
+        totals = ", ".join(f"{k} {v}" for k, v in Counter({**unreadable, **{f"preflight:{k}": v for k, v in
+                                                                            by_rule.items()}}).most_common())
+        listing = "\n".join(f"  {line}" for line in _offending(records, errors, load_rejects))
         raise PreflightError(
             f"pre-flight: {report['error_share']:.1%} of {seen} input records are invalid "
-            f"({load_rejected} unreadable, by rule: {by_rule}), more than curate.preflight.max_error_share "
-            f"{cfg.max_error_share:.1%}; see the load and curate rejects files for each record, file and line")
+            f"({len(load_rejects)} unreadable, by rule: {by_rule}), more than curate.preflight.max_error_share "
+            f"{cfg.max_error_share:.1%}; see the load and curate rejects files for each record, file and line\n"
+            f"totals by reason: {totals}\nfirst {min(bad, 20)} of {bad}:\n{listing}")
     return errors, tokens, report
 
 

@@ -21,7 +21,7 @@ from sftflow import cache
 from sftflow.configs.schema import SplitConfig
 from sftflow.records import read_jsonl, reject, write_jsonl
 from sftflow.tasks import decontam
-from sftflow.tasks.datareport import markdown
+from sftflow.tasks.datareport import dominant_lines, markdown
 from sftflow.tasks.stagecache import cached
 from sftflow.tracking import stage_task
 
@@ -152,8 +152,10 @@ def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, b
            data_root: Path | None) -> dict:
     records = list(read_jsonl(Path(records_path)))
     parts, rejects, contam = decontaminate(assign(records, cfg), cfg, bench_targets, data_root)
+    dominant = dominant_lines(upstream, rejects)
     if not parts["train"]:
-        raise ValueError(f"the train split is empty ({len(records)} records after curation): add data")
+        raise ValueError(f"the train split is empty ({len(records)} records after curation): add data"
+                         + "".join(f"; {line}" for line in dominant))
     paths, manifests = {}, {}
     for name in SPLITS:
         paths[name] = str(out_dir / f"{name}.jsonl")
@@ -162,7 +164,7 @@ def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, b
     write_jsonl(out_dir / "decontam_rejects.jsonl", rejects)
     (out_dir / "manifest.json").write_text(json.dumps(manifests, indent=2))
     ledger = account(upstream, len(records), parts, len(rejects))
-    report = {"accounting": ledger, **upstream, "decontamination": contam,
+    report = {"accounting": ledger, **upstream, "decontamination": contam, "dominant": dominant,
               "splits": {n: {"count": m["count"], "sha256": m["sha256"]} for n, m in manifests.items()}}
     (out_dir / "curation_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     (out_dir / "curation_report.md").write_text(markdown(report))

@@ -92,3 +92,23 @@ def test_unchanged_rerun_is_a_cache_hit(tmp_path):
     changed = run(tmp_path, records, max_chars=5000)
     assert changed["metrics"]["curate/cache_hit"] == 0
     assert json.loads((tmp_path / "out" / "curation_counts.json").read_text())["exact_dup"] == 1
+
+
+def test_allowed_labels_check_the_final_assistant_turn_of_records_without_a_label(tmp_path):
+    records = [make_record(0, "review one, a good film", " positive\n"),
+               make_record(1, "review two, a dull film", "negative"),
+               make_record(2, "review three", "Sure! Here is my take on it."),
+               make_record(3, "review four, labelled", "whatever text", label="positive")]
+    out = run(tmp_path, records, allowed_labels=["positive", "negative"], near_dedup={"enabled": False})
+    assert [r["id"] for r in read_jsonl(out["records"])] == ["r0000", "r0001", "r0003"]
+    assert rejects(tmp_path)["r0002"]["reason"] == "label_not_allowed" and out["counts"]["dominant"] == []
+
+
+def test_a_rule_removing_most_of_the_data_is_named_with_count_and_example(tmp_path):
+    records = [make_record(i, f"question {i} about something", f"A long answer number {i}.") for i in range(9)]
+    records.append(make_record(9, "question nine", "positive"))
+    out = run(tmp_path, records, allowed_labels=["positive", "negative"], near_dedup={"enabled": False})
+    [d] = out["counts"]["dominant"]
+    assert (d["rule"], d["count"], d["records_in"]) == ("label_not_allowed", 9, 10) and "allowed_labels" in d["hint"]
+    assert d["example"] == {"id": "r0000", "file": "f.jsonl", "index": 1,
+                            "text": "user: 'question 0 about something' -> assistant: 'A long answer number 0.'"}

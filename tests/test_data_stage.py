@@ -44,9 +44,9 @@ def planted(tmp_path, data_root):
 
 
 def run_stage(data, out, tokenizer, curate_cfg=None, split_cfg=None):
-    loaded = load(data, out / "load")
+    loaded = load(data, out / "load", curate_cfg)
     curated = curate(loaded["records"], curate_cfg or CurateConfig(), out / "curate", tokenizer=tokenizer,
-                     load_rejected=loaded["ledger"]["rejected"])
+                     load_rejects=loaded["rejects"])
     return loaded, curated, split(curated["records"], split_cfg or SplitConfig(), out / "split",
                                   upstream={"load": loaded["ledger"], "curate": curated["ledger"]},
                                   benchmarks=BENCH, data_root=data.root)
@@ -99,3 +99,15 @@ def test_unchanged_rerun_is_a_cache_hit_for_the_whole_stage(planted, tmp_path):
         assert result["metrics"][f"{stage}/cache_hit"] == 1
     assert first[2]["digests"] == second[2]["digests"]
     assert (tmp_path / "b" / "split" / "train.jsonl").read_bytes() == (tmp_path / "a" / "split" / "train.jsonl").read_bytes()
+
+
+def test_empty_train_split_names_the_rule_that_removed_the_data(tmp_path, data_root):
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(chat(f"Question {i}: what now?", f"Answer {i} in words."))
+                                                 + "\n" for i in range(30)))
+    data = DataConfig(root=str(data_root), sources=[Source(path=str(tmp_path / "chat.jsonl"))])
+    with pytest.raises(ValueError) as info:
+        run_stage(data, tmp_path / "run", None, CurateConfig(allowed_labels=["yes", "no"]))
+    msg = str(info.value)
+    assert msg.startswith("the train split is empty (0 records after curation): add data; rule label_not_allowed "
+                          "removed 30 of 30 records (see curate.allowed_labels")
+    assert "chat.jsonl:1: user: 'Question 0: what now?' -> assistant: 'Answer 0 in words.'" in msg

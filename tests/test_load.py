@@ -66,7 +66,9 @@ def test_malformed_rows_are_rejected_with_reason_not_dropped(tmp_path):
 def test_invalid_json_names_file_and_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
-        load_source(Source(path="bad.jsonl"), tmp_path)
+        load_source(Source(path="bad.jsonl"), tmp_path, on_bad_record="fail")
+    records, rejects, _ = load_source(Source(path="bad.jsonl"), tmp_path)  # the default: reject the line only
+    assert len(records) == 1 and (rejects[0]["index"], rejects[0]["reason"][:12]) == (2, "invalid JSON")
 
 
 def test_missing_data_root_explains_how_to_point_at_it(tmp_path):
@@ -155,3 +157,69 @@ def test_several_sources_with_weight_and_max_count_are_seeded(tmp_path, data_roo
     again = load(cfg, tmp_path / "o2")
     assert again["metrics"]["load/cache_hit"] == 1
     assert (tmp_path / "o" / "records.jsonl").read_bytes() == (tmp_path / "o2" / "records.jsonl").read_bytes()
+
+
+def chat_line(i, answer="yes"):
+    return json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                    {"role": "assistant", "content": answer}]})
+
+
+def test_every_kind_of_bad_line_is_a_reject_with_file_line_and_reason(tmp_path):
+    lines = [chat_line(1).encode(),
+             b'{"messages": [oops',  # invalid JSON
+             chat_line(3).encode()[:-3] + b'\xff\xfe"}]}',  # not UTF-8
+             b"",  # blank: layout, not a record
+             json.dumps({"text": "no known format"}).encode(),  # wrong schema
+             json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(),  # unknown role
+             json.dumps({"prompt": "p", "completion": "c" * 500}).encode(),  # oversize
+             b"[1, 2]",  # not an object
+             json.dumps({"prompt": "a\ud800b", "completion": "c"}).encode(),  # escaped lone surrogate
+             chat_line(10).encode()]
+    (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines))  # no final newline
+    cfg = DataConfig(root=str(tmp_path), sources=[Source(path="mixed.jsonl")])
+    from sftflow.configs.schema import CurateConfig
+
+    out = load(cfg, tmp_path / "out", CurateConfig(max_record_bytes=400))
+    rejects = list(read_jsonl(tmp_path / "out" / "load_rejects.jsonl"))
+    kinds = {r["index"]: r["reason"].split(":")[0] for r in rejects}
+    assert kinds == {2: "invalid JSON", 3: "not UTF-8", 5: "wrong schema", 6: "unknown role", 7: "oversize",
+                     8: "wrong schema", 9: "not UTF-8"}
+    assert all(r["file"] == "mixed.jsonl" and r["stage"] == "load" for r in rejects)
+    assert "0xff" in next(r["reason"] for r in rejects if r["index"] == 3)
+    assert [r["index"] for r in read_jsonl(tmp_path / "out" / "records.jsonl")] == [1, 10]
+    assert out["ledger"]["rows"] == 9 == out["metrics"]["load/records"] + out["metrics"]["load/rejected"]
+    assert out["ledger"]["by_reason"] == {"invalid JSON": 1, "not UTF-8": 2, "oversize": 1, "unknown role": 1,
+                                          "wrong schema": 2}
+    with pytest.raises(DataError, match=r"^mixed.jsonl:2: invalid JSON: .*on_bad_record: fail"):
+        load(cfg, tmp_path / "fail", CurateConfig(on_bad_record="fail"))
+
+
+def test_oversize_line_is_skipped_without_reading_it_whole(tmp_path):
+    huge = json.dumps({"prompt": "p", "completion": "x" * 3_000_000})
+    (tmp_path / "big.jsonl").write_text(chat_line(1) + "\n" + huge + "\n" + chat_line(3) + "\n")
+    records, rejects, _ = load_source(Source(path="big.jsonl"), tmp_path, max_record_bytes=1000)
+    assert [r["index"] for r in records] == [1, 3] and rejects[0]["index"] == 2
+    assert rejects[0]["reason"].startswith(f"oversize: {len(huge)} bytes") and len(rejects[0]["record"]["raw"]) < 400
+
+
+def test_bad_rows_of_csv_json_and_parquet_are_rejected_not_fatal(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pc.csv").write_bytes(b'prompt,completion\nfine,yes\nextra,cells,here\nbad \xff byte,no\nok,sure\n')
+    records, rejects, _ = load_source(Source(path="pc.csv"), tmp_path)
+    assert [r["index"] for r in records] == [2, 5]
+    assert {r["index"]: r["reason"].split(":")[0] for r in rejects} == {3: "wrong schema", 4: "not UTF-8"}
+    (tmp_path / "rows.json").write_bytes(b'[{"prompt": "a", "completion": "b"}, 7, {"prompt": "c\xff", '
+                                         b'"completion": "d"}, {"prompt": ["x"], "completion": "e"}]')
+    records, rejects, _ = load_source(Source(path="rows.json"), tmp_path)
+    assert [r["index"] for r in records] == [0]
+    assert [(r["index"], r["reason"].split(":")[0]) for r in rejects] == [(1, "wrong schema"), (2, "not UTF-8"),
+                                                                          (3, "wrong schema")]
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}]),
+                   tmp_path / "t.parquet")
+    records, rejects, _ = load_source(Source(path="t.parquet"), tmp_path)
+    assert len(records) == 1 and rejects[0]["index"] == 1 and "completion" in rejects[0]["reason"]
+    (tmp_path / "broken.json").write_text('[{"prompt": "a", "completion": "b"},\n oops]')
+    with pytest.raises(DataError, match=r"broken.json:2: invalid JSON"):  # an array cannot be read row by row
+        load_source(Source(path="broken.json"), tmp_path)

@@ -56,4 +56,22 @@ def test_error_share_past_the_threshold_stops_the_run():
     errors, _, report = preflight(good + [bad], PreflightConfig(max_error_share=0.1, count_tokens=False), None, 512)
     assert errors == {"bad": "consecutive_assistant_turns"} and report["error_share"] == pytest.approx(0.1)
     with pytest.raises(PreflightError, match=r"18.2% of 11 input records are invalid.*max_error_share"):
-        preflight(good + [bad], PreflightConfig(max_error_share=0.1), None, 512, load_rejected=1)
+        preflight(good + [bad], PreflightConfig(max_error_share=0.1), None, 512,
+                  load_rejects=[{"file": "f.jsonl", "index": 99, "reason": "invalid JSON: Expecting value"}])
+
+
+def test_error_lists_the_first_20_offending_lines_and_totals_by_reason():
+    good = [make_record(i, "fine", "ok") for i in range(10)]
+    bad = convo(("user", "hi"), ("assistant", "a"), ("assistant", "b"))
+    bad.update(id="bad", file="f.jsonl", index=7)
+    unreadable = [{"file": "f.jsonl", "index": i, "reason": "invalid JSON: Expecting value (column 1)"}
+                  for i in range(100, 125)]
+    unreadable.append({"file": "f.jsonl", "index": 3, "reason": "not UTF-8: byte 0xff at column 9"})
+    with pytest.raises(PreflightError) as info:
+        preflight(good + [bad], PreflightConfig(count_tokens=False), None, 512, load_rejects=unreadable)
+    msg = str(info.value)
+    assert "totals by reason: invalid JSON 25, not UTF-8 1, preflight:consecutive_assistant_turns 1" in msg
+    listed = msg.split("first 20 of 27:\n")[1].splitlines()
+    assert len(listed) == 20 and listed[0] == "  f.jsonl:3: not UTF-8: byte 0xff at column 9"
+    assert listed[1] == "  f.jsonl:7: preflight:consecutive_assistant_turns"
+    assert listed[2].startswith("  f.jsonl:100: invalid JSON")
