@@ -9,7 +9,9 @@ run ends where an uninterrupted one would.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +20,11 @@ from sftflow.configs.schema import TrainConfig
 
 RUN_INFO = "run_info.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, over quota, over the file size limit
+
+
+class DiskFull(OSError):
+    """A checkpoint could not be written for lack of space; the previous complete checkpoint is kept."""
 
 
 def schedule_args(cfg: TrainConfig, has_eval: bool) -> dict:
@@ -71,7 +78,12 @@ def run_trainer(trainer, cfg: TrainConfig):
     output_dir = Path(trainer.args.output_dir)
     resume = last_checkpoint(output_dir)
     resumed_state = json.loads((resume / "trainer_state.json").read_text()) if resume else {}
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as exc:
+        if _out_of_space(exc, output_dir):
+            raise _disk_full(exc, output_dir) from exc
+        raise
 
     state = trainer.state
     if trainer.is_world_process_zero():
@@ -87,3 +99,33 @@ def run_trainer(trainer, cfg: TrainConfig):
         }
         (output_dir.parent / RUN_INFO).write_text(json.dumps(info, indent=2))
     return result
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    """The error, or a write attempted now, says the disk is full. torch's checkpoint writer reports a failed
+    write as a bare RuntimeError ("unexpected pos ..."), so the errno alone cannot tell."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    probe = folder / ".space-probe"
+    try:
+        with probe.open("wb") as fh:
+            fh.write(b"\0" * (1 << 20))
+            fh.flush()
+            os.fsync(fh.fileno())
+        return False
+    except OSError as err:
+        return err.errno in _FULL
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _disk_full(exc: BaseException, folder: Path) -> DiskFull:
+    """Drop the half-written checkpoint (frees its space) and name what is kept to resume from."""
+    partial = sorted((p for p in folder.glob("checkpoint-*") if not is_complete(p)), key=step_of)
+    kept = last_checkpoint(folder)
+    where = partial[-1] if partial else folder
+    resume = f"a rerun resumes from {kept}" if kept else "no complete checkpoint yet: a rerun starts over"
+    return DiskFull(errno.ENOSPC, f"disk full while writing checkpoint {where} ({type(exc).__name__}: {exc}); "
+                                  f"free space there, then {resume}")

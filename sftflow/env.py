@@ -6,6 +6,7 @@ variables once, at import time.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -18,6 +19,16 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow ignores DO_NOT_TRACK=1; it wants "true"
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+# MLflow's HTTP client defaults (7 retries with backoff factor 2, 120 s timeout) spend ~4.5 minutes on an
+# unreachable tracking server before a stage fails; a short budget fails within seconds, still riding out a blip.
+MLFLOW_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
 
@@ -43,6 +54,25 @@ def configure(offline: bool) -> Path:
     # A cold ephemeral Prefect server runs migrations first; the 20 s default is tight on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name, value in MLFLOW_HTTP_ENV.items():
+        os.environ.setdefault(name, value)
     if offline:
         os.environ.update(OFFLINE_ENV)
     return state
+
+
+def init_tracking_store() -> None:
+    """Create (or upgrade) a local SQLite tracking database under a file lock. Two runs starting at once on a
+    fresh database would both run MLflow's migrations, and one fails ("Online migration expected to match one
+    row"). Once created, the store is cached for the process; busy writers then wait (MLflow's busy_timeout)."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the process dies, so a kill never blocks the next run
+        _get_store()

@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from sftflow import env
 from sftflow.links import prefect_flow_run_url
 
 
@@ -84,6 +85,54 @@ def close_orphans(experiment_id: str) -> list[str]:
     return orphans
 
 
+class TrackingUnreachable(ConnectionError):
+    """The MLflow tracking server does not answer: nothing can be recorded, so the run stops at once."""
+
+
+def _unreachable(uri: str, timeout: float) -> str | None:
+    """Why an HTTP tracking server does not answer, or None (any HTTP response means it is up)."""
+    import httpx
+
+    try:
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def check_reachable(timeout: float = 5.0) -> None:
+    """Fail before any work when the tracking server is down (local SQLite/file stores need no check)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")) and (why := _unreachable(uri, timeout)):
+        raise TrackingUnreachable(f"MLflow tracking server {uri} is unreachable ({why}); start it (`sftflow up`) "
+                                  "or point MLFLOW_TRACKING_URI at a running one, then rerun")
+
+
+@contextlib.contextmanager
+def tracking_errors(timeout: float = 5.0) -> Iterator[None]:
+    """An MLflow call that failed because the server went away -> one TrackingUnreachable naming the URI,
+    instead of MLflow's chained retry errors. Runs left RUNNING are closed as KILLED by the next run."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    try:
+        yield
+    except TrackingUnreachable:
+        raise
+    except (MlflowException, RequestException, ConnectionError) as exc:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith(("http://", "https://")) and (why := _unreachable(uri, timeout)):
+            raise TrackingUnreachable(
+                f"MLflow tracking server {uri} stopped answering ({why}) during the run; start it again and "
+                "rerun: finished stages come from the cache, and this run's MLflow runs are closed as KILLED "
+                "by the next run") from None
+        raise
+
+
 def finite_metrics(metrics: dict) -> dict[str, float]:
     """MLflow rejects None; NaN/inf are kept out too so the compare view stays readable."""
     out = {}
@@ -135,7 +184,8 @@ def stage_task(fn: Callable, name: str, **task_kwargs) -> Callable:
     Stages pass file paths, not data, so results need no persistence; caching is per stage.
     """
     def wrapper(ctx: RunContext, *args, **kwargs):
-        return run_stage(name, fn, ctx, *args, **kwargs)
+        with tracking_errors():
+            return run_stage(name, fn, ctx, *args, **kwargs)
 
     # Not functools.wraps: Prefect would read fn's signature (no ctx) through __wrapped__.
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
@@ -161,6 +211,8 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterat
     from sftflow.configs.schema import flatten
 
     run_dir = state / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run_name}"
+    check_reachable()
+    env.init_tracking_store()
     run_dir.mkdir(parents=True, exist_ok=False)  # a run never writes into another run's folder
     exp_id = ensure_experiment(cfg.tracking.experiment, _artifact_root(state))
     if orphans := close_orphans(exp_id):
@@ -169,7 +221,8 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterat
             "sftflow.config_hash": cfg.digest(), "sftflow.run_dir": str(run_dir), **process_tags()}
     if url := prefect_flow_run_url(flow_run_id):  # only with a Prefect server whose UI outlives the run
         tags["prefect.flow_run_url"] = url
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{flow_run_name}", tags=tags) as run:
+    with tracking_errors(), mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{flow_run_name}",
+                                             tags=tags) as run:
         mlflow.log_params(flatten(cfg))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         mlflow.log_artifact(str(run_dir / "config.yaml"))

@@ -14,7 +14,7 @@ _OUT = "@OUT_DIR@"  # result.json stores paths relative to the stage folder unde
 
 def _copy_tree(src: Path, dst: Path) -> None:
     for item in src.iterdir():
-        if item.name in (".complete", "result.json"):
+        if item.name in (cache.MANIFEST, "result.json"):
             continue
         if item.is_dir():
             shutil.copytree(item, dst / item.name, dirs_exist_ok=True)

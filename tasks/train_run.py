@@ -78,7 +78,7 @@ def _train_and_publish(job: dict, cfg: TrainConfig, key: str) -> Path:
             if item.name not in ("checkpoints", SPEC, RESULT):
                 os.replace(item, entry / item.name)
         save_result(entry, result, work)  # the entry's files, named relative to it
-    return cache.lookup(STAGE, key)
+    return cache.entry(STAGE, key)
 
 
 def run_training(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
@@ -95,7 +95,7 @@ def run_training(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: 
                 entry = _train_and_publish(job, cfg, key)
     # Hard links: a full model is not stored twice; files in both places are never modified.
     shutil.copytree(entry, out_dir, dirs_exist_ok=True, copy_function=_link_or_copy,
-                    ignore=shutil.ignore_patterns(".complete"))
+                    ignore=shutil.ignore_patterns(cache.MANIFEST))
     result = load_result(entry, out_dir)
     result["metrics"]["train/cache_hit"] = float(hit)
     result["params"] = {**result.get("params", {}), "train.cache_key": key}
