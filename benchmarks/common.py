@@ -26,10 +26,10 @@ def demo_tokens(work: Path) -> tuple[dict, "object", str]:
     env.configure(offline=True)
     from sftflow.configs.schema import load_config
     from sftflow.models import pull
-    from sftflow.tasks.curate import curate
-    from sftflow.tasks.load import load
-    from sftflow.tasks.split import split
-    from sftflow.tasks.template import template
+    from sftflow.tasks.data.curate import curate
+    from sftflow.tasks.data.load import load
+    from sftflow.tasks.data.split import split
+    from sftflow.tasks.training.template import template
 
     cfg = load_config(REPO / "configs" / "demo.yaml")
     model = os.environ.get("SFTFLOW_BENCH_MODEL") or str(pull(cfg.model.base))

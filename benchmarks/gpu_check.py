@@ -58,7 +58,7 @@ def model_path(args, work: Path) -> str:
 def tokens(model: str, work: Path, n: int) -> dict:
     from sftflow.configs.schema import TemplateConfig
     from sftflow.records import write_jsonl
-    from sftflow.tasks.template import template
+    from sftflow.tasks.training.template import template
 
     recs = records(n)
     write_jsonl(work / "train.jsonl", recs[: n - 16])
@@ -78,8 +78,8 @@ def peak_tflops(override: float | None) -> float | None:
 
 def train_once(method: str, paths: dict, model: str, work: Path, args, launcher: dict | None = None) -> dict:
     """One training through the pipeline's own stage function (or its accelerate launcher) -> a result row."""
-    from sftflow import launch
     from sftflow.configs.schema import TrainConfig
+    from sftflow.tasks.training import launch
 
     cfg = TrainConfig(method=method, max_steps=args.steps, batch_size=args.batch_size, logging_steps=args.steps,
                       learning_rate=1e-4, warmup_ratio=0.0, launcher=launcher or {})

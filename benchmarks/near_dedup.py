@@ -30,8 +30,8 @@ THRESHOLD, NUM_PERM, SHINGLE, PLANTED = 0.7, 128, 3, 1000
 def corpus(data_root: Path, out: Path) -> None:
     from sftflow.configs.schema import DataConfig, Source
     from sftflow.records import read_jsonl
-    from sftflow.tasks.curate import dedup_text
-    from sftflow.tasks.load import load
+    from sftflow.tasks.data.curate import dedup_text
+    from sftflow.tasks.data.load import load
 
     loaded = load(DataConfig(root=str(data_root), sources=[Source(path="natural-instructions/tasks/*.json")]),
                   out.parent / "load")
@@ -54,7 +54,7 @@ def corpus(data_root: Path, out: Path) -> None:
 
 def run_sftflow(texts: list[str], ids: list[str]) -> list[list[str]]:
     from sftflow.configs.schema import NearDedupConfig
-    from sftflow.tasks.dedup.minhash import near_duplicates
+    from sftflow.tasks.data.dedup.minhash import near_duplicates
 
     cfg = NearDedupConfig(threshold=THRESHOLD, num_perm=NUM_PERM, shingle=SHINGLE)
     near = near_duplicates(texts, ids, cfg)
@@ -65,7 +65,7 @@ def run_datasketch(texts: list[str], ids: list[str]) -> list[list[str]]:
     """The plain way: one MinHash per record, one LSH index, query then insert; union the hits."""
     from datasketch import MinHash, MinHashLSH
 
-    from sftflow.tasks.dedup.minhash import words
+    from sftflow.tasks.data.dedup.minhash import words
 
     sets = []
     for t in texts:

@@ -57,7 +57,7 @@ class PreflightConfig(Section):
 
 
 class NearDedupConfig(Section):
-    """MinHash LSH over word shingles (tasks/dedup/minhash.py)."""
+    """MinHash LSH over word shingles (tasks/data/dedup/minhash.py)."""
 
     enabled: bool = True
     shingle: Positive = Field(3, description="words per shingle")

@@ -13,8 +13,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.states import Completed
 
-from sftflow import cache, env, links, registry
+from sftflow import cache, env
 from sftflow.configs.schema import PipelineConfig, Source, load_config
+from sftflow.ops import links, registry
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -39,7 +40,7 @@ def fingerprint(cfg: PipelineConfig) -> dict:
 
     Hub sources count by id and split (their content is not fetched just to hash it).
     """
-    from sftflow.tasks.load import source_files
+    from sftflow.tasks.data.load import source_files
 
     root = Path(cfg.data.root)
     data = [{"hub": s.hub, "split": s.split} if s.hub else [Path(f) for f in source_files(s, root)]
@@ -66,7 +67,7 @@ def retrain(config_file: str = "configs/demo.yaml", overrides: list[str] | None 
     import mlflow
 
     from sftflow.flows.sft_pipeline import sft_pipeline
-    from sftflow.tasks.report import to_markdown
+    from sftflow.tasks.evaluation.report import to_markdown
 
     logger = get_run_logger()
     cfg = resolve_config(config_file, overrides or [], model, method, sources)
@@ -84,7 +85,7 @@ def retrain(config_file: str = "configs/demo.yaml", overrides: list[str] | None 
         return Completed(name="UpToDate", message=message)
 
     result = sft_pipeline(config=cfg)
-    verdict = result["gate"]  # the pipeline's promotion gate (tasks/gate.py) decides
+    verdict = result["gate"]  # the pipeline's promotion gate (tasks/evaluation/gate.py) decides
     version = registry.register_candidate(cfg.name, result["mlflow_run_id"], verdict, fp,
                                           {r["measure"]: round(r["delta"], 4) for r in result["rows"]})
     run_url = links.mlflow_run_url(result["experiment_id"], result["mlflow_run_id"])

@@ -11,19 +11,20 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from sftflow import env, links
+from sftflow import env
 from sftflow.configs.schema import PipelineConfig
-from sftflow.tasks.benchmarks import benchmarks_task
-from sftflow.tasks.curate import curate_task
-from sftflow.tasks.decontam import targets as decontam_targets
-from sftflow.tasks.gate import gate_task
-from sftflow.tasks.heldout import heldout_task
-from sftflow.tasks.load import load_task
-from sftflow.tasks.model import model_task
-from sftflow.tasks.report import report_task
-from sftflow.tasks.split import split_task
-from sftflow.tasks.template import template_task
-from sftflow.tasks.train import check_hardware, train_task
+from sftflow.ops import links
+from sftflow.tasks.data.curate import curate_task
+from sftflow.tasks.data.decontam import targets as decontam_targets
+from sftflow.tasks.data.load import load_task
+from sftflow.tasks.data.split import split_task
+from sftflow.tasks.evaluation.benchmarks import benchmarks_task
+from sftflow.tasks.evaluation.gate import gate_task
+from sftflow.tasks.evaluation.heldout import heldout_task
+from sftflow.tasks.evaluation.report import report_task
+from sftflow.tasks.training.model import model_task
+from sftflow.tasks.training.template import template_task
+from sftflow.tasks.training.train import check_hardware, train_task
 from sftflow.tracking import parent_run
 
 

@@ -109,7 +109,7 @@ def lookup(stage: str, cache_key: str) -> Path | None:
     """The folder of a complete, intact entry, or None (a damaged one is discarded)."""
     path = entry(stage, cache_key)
     if not (path / MANIFEST).exists():
-        return None  # absent, or a training's work folder (tasks/train_run.py): never deleted here
+        return None  # absent, or a training's work folder (tasks/training/run.py): never deleted here
     if (why := problem(path)) is None:
         return path
     _discard(path, why)

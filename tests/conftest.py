@@ -62,7 +62,7 @@ def template_splits(d: Path, model: str, train: list[dict], val: list[dict], max
     """Train/val records written to d and run through the real template stage -> its result (paths, metrics)."""
     from sftflow.configs.schema import TemplateConfig
     from sftflow.records import write_jsonl
-    from sftflow.tasks.template import template
+    from sftflow.tasks.training.template import template
 
     write_jsonl(d / "train.jsonl", train)
     write_jsonl(d / "val.jsonl", val)

@@ -1,7 +1,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from sftflow.cli import app
+from sftflow.ops.cli import app
 
 runner = CliRunner()
 
@@ -69,7 +69,7 @@ def test_eval_takes_a_lora_adapter_folder_on_the_configs_base(tmp_path, tiny_mod
     from peft import LoraConfig, get_peft_model
 
     from sftflow.models import load_causal_lm
-    from sftflow.tasks.benchmarks import sweep_models
+    from sftflow.tasks.evaluation.benchmarks import sweep_models
 
     # A fresh LoRA adapter: B starts at zero, so it computes exactly what the base computes.
     peft_model = get_peft_model(load_causal_lm(tiny_model), LoraConfig(r=2, target_modules=["q_proj"]))

@@ -4,9 +4,9 @@ from conftest import make_record
 
 from sftflow.configs.schema import CurateConfig
 from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.curate import curate
-from sftflow.tasks.dedup.exact import normalise
-from sftflow.tasks.filters import FILTERS, garbled, repetition
+from sftflow.tasks.data.curate import curate
+from sftflow.tasks.data.dedup.exact import normalise
+from sftflow.tasks.data.filters import FILTERS, garbled, repetition
 
 
 def run(tmp_path, records, tokenizer=None, **cfg):

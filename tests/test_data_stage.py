@@ -6,10 +6,10 @@ import pytest
 
 from sftflow.configs.schema import CurateConfig, DataConfig, Source, SplitConfig
 from sftflow.records import read_jsonl
-from sftflow.tasks.benchmarks import BENCHMARKS
-from sftflow.tasks.curate import curate
-from sftflow.tasks.load import load
-from sftflow.tasks.split import SPLITS, split
+from sftflow.tasks.data.curate import curate
+from sftflow.tasks.data.load import load
+from sftflow.tasks.data.split import SPLITS, split
+from sftflow.tasks.evaluation.benchmarks import BENCHMARKS
 
 TASK = "natural-instructions/tasks/task1312_amazonreview_polarity_classification.json"
 BENCH = {"mmlu": ["anatomy"], "bbh": ["navigate"]}

@@ -2,10 +2,10 @@ import pytest
 from conftest import make_record
 
 from sftflow.configs.schema import DecontamConfig, EvalConfig, Source
-from sftflow.tasks.benchmarks import BENCHMARKS
-from sftflow.tasks.decontam import NgramIndex, benchmark_items, contaminated, targets
-from sftflow.tasks.dedup.minhash import words
-from sftflow.tasks.load import load_source
+from sftflow.tasks.data.decontam import NgramIndex, benchmark_items, contaminated, targets
+from sftflow.tasks.data.dedup.minhash import words
+from sftflow.tasks.data.load import load_source
+from sftflow.tasks.evaluation.benchmarks import BENCHMARKS
 
 BENCH = {"mmlu": ["anatomy", "virology"], "bbh": ["navigate", "boolean_expressions"]}
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from sftflow.configs.schema import NearDedupConfig, Source
-from sftflow.tasks.curate import dedup_text
-from sftflow.tasks.dedup.exact import duplicates
-from sftflow.tasks.dedup.minhash import bands_rows, near_duplicates, shingles, signatures
-from sftflow.tasks.load import load_source
+from sftflow.tasks.data.curate import dedup_text
+from sftflow.tasks.data.dedup.exact import duplicates
+from sftflow.tasks.data.dedup.minhash import bands_rows, near_duplicates, shingles, signatures
+from sftflow.tasks.data.load import load_source
 
 
 def perturb(text: str, rng: random.Random, edits: int = 1) -> str:

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from sftflow import cache
 from sftflow.configs.schema import DataConfig, TrainConfig
-from sftflow.tasks.load import load
-from sftflow.tasks.train_run import run_training, training_key
+from sftflow.tasks.data.load import load
+from sftflow.tasks.training.run import run_training, training_key
 from sftflow.tracking import TrackingUnreachable, check_reachable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,9 +109,9 @@ DISK_FULL_JOB = """
 import json, sys
 from sftflow import env
 env.configure(offline=True)
-from sftflow.checkpoints import DiskFull
+from sftflow.tasks.training.checkpoints import DiskFull
 from sftflow.configs.schema import TrainConfig
-from sftflow.tasks.train_run import run_training
+from sftflow.tasks.training.run import run_training
 tokens, model, cfg, out = json.loads(sys.argv[1])
 try:
     run_training(tokens, model, TrainConfig(**cfg), out_dir=__import__("pathlib").Path(out))

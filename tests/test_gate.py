@@ -3,7 +3,7 @@ import json
 import pytest
 
 from sftflow.configs.schema import ConfigError, GateConfig, load_config
-from sftflow.tasks.gate import gate, verdict
+from sftflow.tasks.evaluation.gate import gate, verdict
 
 METRICS = {"heldout/delta/label_acc": 0.30, "heldout/delta/label_acc/ci_low": 0.12,
            "forgetting/mmlu/delta": -0.02, "forgetting/mmlu/ci_low": -0.07,

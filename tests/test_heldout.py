@@ -6,7 +6,7 @@ from conftest import make_record
 from sftflow.configs.schema import HeldoutConfig
 from sftflow.models import load_causal_lm
 from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.heldout import generate, heldout, label_report, normalise_label, score
+from sftflow.tasks.evaluation.heldout import generate, heldout, label_report, normalise_label, score
 
 
 def test_label_normalisation_and_scores():
@@ -73,7 +73,7 @@ def test_macro_f1_matches_sklearn_and_its_delta_ci_brackets_the_point_estimate()
 
 
 def test_side_by_side_shows_disagreements_first():
-    from sftflow.tasks.heldout import side_by_side
+    from sftflow.tasks.evaluation.heldout import side_by_side
 
     rows = [{"id": f"r{i}", "source": "s", "prompt": f"p{i}", "reference": "POS", "base_prediction": b,
              "ft_prediction": f} for i, (b, f) in enumerate([("POS", "POS"), ("", "POS"), ("NEG", "NEG")])]

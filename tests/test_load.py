@@ -5,7 +5,7 @@ import pytest
 
 from sftflow.configs.schema import DataConfig, Source
 from sftflow.records import read_jsonl
-from sftflow.tasks.load import DataError, load, load_source
+from sftflow.tasks.data.load import DataError, load, load_source
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from sftflow.configs.schema import Source
 from sftflow.records import ROLES, read_jsonl, write_jsonl
-from sftflow.tasks.load import FORMATS, BadRow, load_source, normalise
-from sftflow.tasks.readers import Bad, DataError, read_rows
+from sftflow.tasks.data.load import FORMATS, BadRow, load_source, normalise
+from sftflow.tasks.data.readers import Bad, DataError, read_rows
 
 KINDS = {"invalid JSON", "not UTF-8", "oversize", "wrong schema", "unknown role"}
 GOOD = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}).encode()

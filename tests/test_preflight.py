@@ -2,7 +2,7 @@ import pytest
 from conftest import make_record
 
 from sftflow.configs.schema import PreflightConfig
-from sftflow.tasks.preflight import STRUCTURE, PreflightError, preflight, structure_error
+from sftflow.tasks.data.preflight import STRUCTURE, PreflightError, preflight, structure_error
 
 
 def convo(*turns):

@@ -1,9 +1,9 @@
 import json
 
 from sftflow.configs.schema import GateConfig
-from sftflow.tasks.forgetting import forgetting_rows
-from sftflow.tasks.gate import verdict
-from sftflow.tasks.report import report
+from sftflow.tasks.evaluation.forgetting import forgetting_rows
+from sftflow.tasks.evaluation.gate import verdict
+from sftflow.tasks.evaluation.report import report
 
 
 def _items(bench, task, scores, category=None):

@@ -9,9 +9,10 @@ import pytest
 from conftest import make_record
 from test_registry import pipeline_run
 
-from sftflow import env, registry
+from sftflow import env
 from sftflow.configs.schema import Source, load_config
 from sftflow.flows.retrain import fingerprint, resolve_config, retrain
+from sftflow.ops import registry
 
 REPO = Path(__file__).resolve().parents[1]
 

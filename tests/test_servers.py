@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from sftflow import servers
+from sftflow.ops import servers
 
 
 @pytest.fixture

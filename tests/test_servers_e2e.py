@@ -21,8 +21,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from sftflow import env, servers
-from sftflow.shots import prefect_run_page, shows
+from sftflow import env
+from sftflow.ops import servers
+from sftflow.ops.shots import prefect_run_page, shows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.servers]
 
@@ -200,8 +201,13 @@ def test_cron_schedule_trains_once_then_finishes_up_to_date(stack, mlflow_client
         deployment = client.read_deployment_by_name("sftflow-retrain/nightly")
     assert deployment.schedules[0].schedule.cron == "* * * * *"
 
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
-    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 

@@ -6,7 +6,7 @@ from conftest import make_record
 
 from sftflow.configs.schema import SplitConfig
 from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.split import account, assign, split
+from sftflow.tasks.data.split import account, assign, split
 
 NO_DECONTAM = {"decontam": {"enabled": False}}
 

@@ -6,8 +6,16 @@ from conftest import make_record, template_splits
 from sftflow.configs.schema import TemplateConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.template import (TemplateError, load_chat_template, render, render_masked, shipped_templates,
-                                    template, tokenize, with_system)
+from sftflow.tasks.training.template import (
+    TemplateError,
+    load_chat_template,
+    render,
+    render_masked,
+    shipped_templates,
+    template,
+    tokenize,
+    with_system,
+)
 
 CONVO = [{"role": "user", "content": "Is it good?"}, {"role": "assistant", "content": "POS"},
          {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes indeed"}]
@@ -48,7 +56,7 @@ def test_template_that_never_trains_eos_fails_loudly(tmp_path, tiny_model, tiny_
               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     tok = type(tiny_tokenizer).from_pretrained(tiny_model)
     tok.chat_template = no_eos
-    monkeypatch.setattr("sftflow.tasks.template.load_tokenizer", lambda *a: tok)
+    monkeypatch.setattr("sftflow.tasks.training.template.load_tokenizer", lambda *a: tok)
     write_jsonl(tmp_path / "s.jsonl", [make_record(0, "fine", "POS")])
     paths = {"train": str(tmp_path / "s.jsonl"), "val": str(tmp_path / "s.jsonl")}
     with pytest.raises(TemplateError, match="end-of-turn"):
@@ -119,7 +127,7 @@ def test_custom_template_file_is_hashed_and_saved_with_the_tokenizer(tmp_path, t
 
 def run_template_with(tmp_path, tiny_model, tiny_tokenizer, monkeypatch, chat_template):
     tok = fresh_tok(tiny_model, tiny_tokenizer, chat_template)
-    monkeypatch.setattr("sftflow.tasks.template.load_tokenizer", lambda *a: tok)
+    monkeypatch.setattr("sftflow.tasks.training.template.load_tokenizer", lambda *a: tok)
     write_jsonl(tmp_path / "s.jsonl", [make_record(i, f"fine {i}", "POS") for i in range(3)])
     paths = {"train": str(tmp_path / "s.jsonl"), "val": str(tmp_path / "s.jsonl")}
     return template(paths, tiny_model, TemplateConfig(), out_dir=tmp_path)

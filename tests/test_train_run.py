@@ -16,11 +16,11 @@ from prefect.states import Failed
 from safetensors.torch import load_file
 
 from sftflow import cache
-from sftflow.checkpoints import last_checkpoint
 from sftflow.configs.schema import ConfigError, TrainConfig, load_config
-from sftflow.launch import RESULT, WorkerDied, accelerate_command
-from sftflow.tasks.train import train
-from sftflow.tasks.train_run import _retry_if_worker_died, run_training, training_key
+from sftflow.tasks.training.checkpoints import last_checkpoint
+from sftflow.tasks.training.launch import RESULT, WorkerDied, accelerate_command
+from sftflow.tasks.training.run import _retry_if_worker_died, run_training, training_key
+from sftflow.tasks.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_training_killed_with_sigkill_resumes_when_retried_or_rerun(tmp_path, to
         assert attempt.is_alive() and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
     workers = [p for p in psutil.Process().children(recursive=True)
-               if "sftflow.launch" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
+               if "sftflow.tasks.training.launch" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
     assert len(workers) == 1
     workers[0].send_signal(signal.SIGKILL)
     attempt.join()

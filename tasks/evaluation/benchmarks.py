@@ -25,7 +25,7 @@ from sftflow import cache
 from sftflow.charts import plot_deltas
 from sftflow.configs.schema import BenchmarkConfig, EvalConfig
 from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.forgetting import forgetting_metrics, forgetting_rows, to_markdown
+from sftflow.tasks.evaluation.forgetting import forgetting_metrics, forgetting_rows, to_markdown
 from sftflow.tracking import stage_task
 
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from sftflow.configs.schema import GateConfig
-from sftflow.tasks.forgetting import delta_prefix
+from sftflow.tasks.evaluation.forgetting import delta_prefix
 from sftflow.tracking import stage_task
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from sftflow import cache
 from sftflow.configs.schema import CurateConfig, DataConfig, Source
 from sftflow.records import ROLES, record_id, reject, write_jsonl
-from sftflow.tasks.readers import DEFAULT_MAX_BYTES, Bad, DataError, read_rows
-from sftflow.tasks.stagecache import cached
+from sftflow.stagecache import cached
+from sftflow.tasks.data.readers import DEFAULT_MAX_BYTES, Bad, DataError, read_rows
 from sftflow.tracking import stage_task
 
 __all__ = ["DataError", "FORMATS", "load", "load_source", "normalise", "source_files"]

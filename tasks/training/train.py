@@ -9,7 +9,7 @@ Hardware choices are checked by `check_hardware` before anything heavy loads: QL
 GPU. Batching: `padding_free` (default) flattens each batch into one row with position_ids restarting per
 record: the same batches and losses as `padded` (TRL's default) without computing pad tokens; `packed` is TRL's
 best-fit-decreasing packing into rows of `pack_length` tokens (also padding-free). Flattened rows load the model
-with sftflow's `sdpa_varlen` attention (sftflow/attention.py), which attends within each record only, at the
+with sftflow's `sdpa_varlen` attention (tasks/training/attention.py), which attends within each record only, at the
 record's own cost (tests/test_packing.py proves the isolation).
 """
 
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import yaml
 
-from sftflow import attention, compat
-from sftflow.checkpoints import run_trainer, schedule_args
 from sftflow.configs.schema import ADAPTER_METHODS, TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
+from sftflow.tasks.training import attention, compat
+from sftflow.tasks.training.checkpoints import run_trainer, schedule_args
 
 
 class TrainSetupError(ValueError):
@@ -158,7 +158,7 @@ def sft_args(cfg: TrainConfig, output_dir: Path, has_eval: bool, **overrides):
         max_grad_norm=cfg.max_grad_norm,
         **compat.checkpointing_arg(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps,
-        **schedule_args(cfg, has_eval),  # validation, checkpoints, best model (sftflow.checkpoints)
+        **schedule_args(cfg, has_eval),  # validation, checkpoints, best model (sftflow.tasks.training.checkpoints)
         report_to="none",  # metrics go to the stage's MLflow run through MlflowStepLogger
         seed=cfg.seed,
         bf16=prec == "bf16",
@@ -386,5 +386,5 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
             "artifacts": [*artifacts, out_dir / "log_history.json", out_dir / "training_curves.png"]}
 
 
-# The stage runs train() through sftflow.launch in a content-keyed work folder (resume, cache).
-from sftflow.tasks.train_run import train_task  # noqa: E402,F401
+# The stage runs train() through sftflow.tasks.training.launch in a content-keyed work folder (resume, cache).
+from sftflow.tasks.training.run import train_task  # noqa: E402,F401

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sftflow.configs.schema import DecontamConfig, EvalConfig
-from sftflow.tasks.benchmarks import BENCHMARKS
-from sftflow.tasks.dedup.minhash import words
+from sftflow.tasks.data.dedup.minhash import words
+from sftflow.tasks.evaluation.benchmarks import BENCHMARKS
 
 # What text of a benchmark row a model would see: MMLU question and choices, BBH input.
 ITEM_TEXTS: dict[str, Callable[[dict], list[str]]] = {

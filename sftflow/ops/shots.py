@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sftflow import browser, compare, links
+from sftflow.ops import browser, compare, links
 
 
 class ShotError(RuntimeError):
@@ -18,8 +18,12 @@ def prefect_run_page(prefect_url: str, flow_run_id: str) -> str:
 
 def latest_flow_run():
     from prefect import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentTaskRunId, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 

@@ -1,7 +1,7 @@
 """Where a training runs: in this process (default), or as `accelerate launch` worker processes.
 
 Both call `tasks.train.train(**job)`. A worker reads the job from a JSON spec
-(`python -m sftflow.launch SPEC`, run by `accelerate launch ... -m sftflow.launch SPEC`); only rank 0
+(`python -m sftflow.tasks.training.launch SPEC`, run by `accelerate launch ... -m sftflow.tasks.training.launch SPEC`); only rank 0
 writes outputs and the result JSON, so nothing but files crosses the process boundary. Step metrics
 reach the stage's MLflow run through MLFLOW_RUN_ID.
 """
@@ -27,7 +27,7 @@ class WorkerDied(RuntimeError):
 
 
 def run_inprocess(job: dict, cfg: TrainConfig) -> dict:
-    from sftflow.tasks.train import train
+    from sftflow.tasks.training.train import train
 
     return train(**{**job, "out_dir": Path(job["out_dir"])})
 
@@ -54,11 +54,11 @@ def accelerate_command(spec: Path, cfg: TrainConfig) -> list[str]:
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         if launcher.num_processes > 1:
             cmd += ["--multi_gpu"]  # accelerate's name for "torchrun, N local processes", also on CPU
-    return [*cmd, "-m", "sftflow.launch", str(spec)]
+    return [*cmd, "-m", "sftflow.tasks.training.launch", str(spec)]
 
 
 def write_spec(job: dict, cfg: TrainConfig) -> Path:
-    """The worker's job as JSON in its out_dir: `python -m sftflow.launch <that file>` runs it."""
+    """The worker's job as JSON in its out_dir: `python -m sftflow.tasks.training.launch <that file>` runs it."""
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT).unlink(missing_ok=True)
@@ -76,7 +76,7 @@ def run_accelerate(job: dict, cfg: TrainConfig) -> dict:
     if mlflow.active_run():
         env["MLFLOW_RUN_ID"] = mlflow.active_run().info.run_id
     # Own process group: if this process is interrupted, no worker is left training on its own.
-    # close_fds=False: the launcher inherits the training's lock (tasks/train_run.py), so even if this
+    # close_fds=False: the launcher inherits the training's lock (tasks/training/run.py), so even if this
     # process is SIGKILLed, no rerun trains into the same folder while the orphaned workers still run.
     proc = subprocess.Popen(accelerate_command(spec, cfg), env=env, start_new_session=True, close_fds=False)
     try:
@@ -106,7 +106,7 @@ def worker_main(spec_path: str) -> None:
     from sftflow import env
 
     env.configure(offline=False)  # the launching process's environment (offline mode included) is inherited
-    from sftflow.tasks.train import train
+    from sftflow.tasks.training.train import train
 
     cfg = TrainConfig.model_validate(spec.pop("cfg"))
     out_dir = Path(spec.pop("out_dir"))

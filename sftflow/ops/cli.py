@@ -54,13 +54,13 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     from sftflow import env
 
     cfg = _load(config, set_)
-    from sftflow import servers
+    from sftflow.ops import servers
 
     record = servers.use()  # after `sftflow up`, runs show in its Prefect and MLflow UIs
     state = env.configure(cfg.offline)
     from sftflow.flows.sft_pipeline import sft_pipeline
     from sftflow.models import ModelError
-    from sftflow.tasks.load import DataError
+    from sftflow.tasks.data.load import DataError
 
     start = time.perf_counter()
     try:
@@ -93,7 +93,7 @@ def curate(config: ConfigArg, set_: SetOpt = None) -> None:
     env.configure(cfg.offline)
     from sftflow.flows.sft_pipeline import curate_pipeline
     from sftflow.models import ModelError
-    from sftflow.tasks.load import DataError
+    from sftflow.tasks.data.load import DataError
 
     try:
         result = curate_pipeline(config=cfg)
@@ -120,7 +120,7 @@ def eval_(config: ConfigArg,
     cfg = _load(config, set_)
     state = env.configure(cfg.offline)
     from sftflow.models import ModelError
-    from sftflow.tasks.benchmarks import benchmarks, sweep_models
+    from sftflow.tasks.evaluation.benchmarks import benchmarks, sweep_models
     from sftflow.tracking import parent_run, run_stage
 
     try:
@@ -203,7 +203,8 @@ PortOpt = Annotated[int, typer.Option(help="0: pick a free port")]
 
 def _connect() -> dict | None:
     """Use the servers `sftflow up` started, if they run; then the state dir and offline mode."""
-    from sftflow import env, servers
+    from sftflow import env
+    from sftflow.ops import servers
 
     record = servers.use()
     env.configure(offline=True)
@@ -218,7 +219,7 @@ def up(prefect_port: PortOpt = 0, mlflow_port: PortOpt = 0,
        artifact_root: Annotated[Optional[str], typer.Option(
            help="MLflow artifact root (default: <state>/mlartifacts), e.g. s3://bucket/path")] = None) -> None:
     """Start a Prefect server, an MLflow tracking server and a Prefect worker (127.0.0.1); wait until healthy."""
-    from sftflow import servers
+    from sftflow.ops import servers
 
     try:
         record = servers.up(prefect_port, mlflow_port, pool, backend_store_uri, artifact_root)
@@ -247,7 +248,7 @@ def _print_status(record: dict | None) -> None:
 @app.command()
 def down() -> None:
     """Stop exactly what `sftflow up` started (with its child processes)."""
-    from sftflow import servers
+    from sftflow.ops import servers
 
     stopped = servers.down()
     console.print(f"stopped {len(stopped)} processes" if stopped else "nothing to stop")
@@ -256,7 +257,7 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show what `sftflow up` started, whether each process runs and answers."""
-    from sftflow import servers
+    from sftflow.ops import servers
 
     record = servers.status()
     _print_status(record)
@@ -272,7 +273,7 @@ def deploy(file: Annotated[Path, typer.Option(help="deployment definitions")] = 
            image: Annotated[Optional[str], typer.Option(help="container image (Kubernetes pools)")] = None) -> None:
     """Create or update the Prefect deployments (ad-hoc and nightly retraining) on the running server."""
     record = _connect()
-    from sftflow.deploy import apply, load_specs
+    from sftflow.ops.deploy import apply, load_specs
 
     if record is None and pool is None:
         console.print("[red]no servers running: `sftflow up` first, or set PREFECT_API_URL and --pool[/red]")
@@ -296,7 +297,7 @@ def promote(name: ModelName,
             version: Annotated[Optional[str], typer.Argument(help="version (default: the challenger)")] = None) -> None:
     """Point the `champion` alias at a version (a human override of the promotion gate)."""
     _connect()
-    from sftflow import registry
+    from sftflow.ops import registry
 
     try:
         _print_version(registry.promote(name, version), "promoted")
@@ -309,7 +310,7 @@ def promote(name: ModelName,
 def rollback(name: ModelName) -> None:
     """Move `champion` back to the version it replaced."""
     _connect()
-    from sftflow import registry
+    from sftflow.ops import registry
 
     try:
         _print_version(registry.rollback(name), "rolled back")
@@ -328,8 +329,8 @@ def compare(refs: RefsArg,
     """Compare pipeline runs: config differences, target gain, forgetting, train loss, wall time; writes a report."""
     import time
 
-    from sftflow import compare as cmp
     from sftflow import env
+    from sftflow.ops import compare as cmp
 
     _connect()
     try:
@@ -359,7 +360,7 @@ def screenshots(refs: Annotated[Optional[list[str]], typer.Argument(
     if record is None:
         console.print("[red]no servers running: `sftflow up` first[/red]")
         raise typer.Exit(1)
-    from sftflow.shots import ShotError, take
+    from sftflow.ops.shots import ShotError, take
 
     try:
         for path in take(record, refs or [], flow_run, out):

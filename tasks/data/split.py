@@ -20,9 +20,9 @@ from pathlib import Path
 from sftflow import cache
 from sftflow.configs.schema import SplitConfig
 from sftflow.records import read_jsonl, reject, write_jsonl
-from sftflow.tasks import decontam
-from sftflow.tasks.datareport import dominant_lines, markdown
-from sftflow.tasks.stagecache import cached
+from sftflow.stagecache import cached
+from sftflow.tasks.data import decontam
+from sftflow.tasks.data.report import dominant_lines, markdown
 from sftflow.tracking import stage_task
 
 SPLITS = ("train", "val", "test")

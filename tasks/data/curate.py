@@ -16,10 +16,10 @@ from pathlib import Path
 from sftflow import cache
 from sftflow.configs.schema import CurateConfig
 from sftflow.records import read_jsonl, reject, snippet, write_jsonl
-from sftflow.tasks.dedup import exact, minhash
-from sftflow.tasks.filters import filter_reason
-from sftflow.tasks.preflight import preflight, tokenizer_files
-from sftflow.tasks.stagecache import cached
+from sftflow.stagecache import cached
+from sftflow.tasks.data.dedup import exact, minhash
+from sftflow.tasks.data.filters import filter_reason
+from sftflow.tasks.data.preflight import preflight, tokenizer_files
 from sftflow.tracking import stage_task
 
 REMOVED = ("rejected", "exact_dup", "near_dup")

@@ -17,7 +17,7 @@ import numpy as np
 
 from sftflow.configs.schema import PreflightConfig
 from sftflow.records import ROLES
-from sftflow.tasks.readers import DataError
+from sftflow.tasks.data.readers import DataError
 
 
 def _roles(r: dict) -> list[str]:
@@ -47,7 +47,7 @@ def structure_error(record: dict) -> str | None:
 def token_counts(records: list[dict], tokenizer_path: str, system_prompt: str | None) -> list[int | None]:
     """Templated token count per record (None where the chat template refuses the conversation)."""
     from sftflow.models import load_tokenizer
-    from sftflow.tasks.template import render, with_system
+    from sftflow.tasks.training.template import render, with_system
 
     tok = load_tokenizer(tokenizer_path)
     texts: list[str | None] = []

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from sftflow import stats
 from sftflow.configs.schema import HeldoutConfig
 from sftflow.models import load_causal_lm, load_tokenizer
 from sftflow.records import prompt_messages, read_jsonl, reference, write_jsonl
-from sftflow.tasks.forgetting import delta_prefix
-from sftflow.tasks.template import render, with_system
+from sftflow.tasks.evaluation.forgetting import delta_prefix
+from sftflow.tasks.training.template import render, with_system
 from sftflow.tracking import stage_task
 
 

@@ -21,11 +21,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 from sftflow import cache
-from sftflow.checkpoints import RUN_INFO, last_checkpoint, step_of
 from sftflow.configs.schema import TrainConfig
-from sftflow.launch import RESULT, SPEC, WorkerDied, launch
 from sftflow.models import MANIFEST
-from sftflow.tasks.stagecache import load_result, save_result
+from sftflow.stagecache import load_result, save_result
+from sftflow.tasks.training.checkpoints import RUN_INFO, last_checkpoint, step_of
+from sftflow.tasks.training.launch import RESULT, SPEC, WorkerDied, launch
 from sftflow.tracking import stage_task
 
 STAGE = "train"
@@ -52,7 +52,7 @@ def _exclusive(key: str):
     lock.parent.mkdir(parents=True, exist_ok=True)
     with lock.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        os.set_inheritable(fh.fileno(), True)  # launched workers hold it too (sftflow.launch)
+        os.set_inheritable(fh.fileno(), True)  # launched workers hold it too (sftflow.tasks.training.launch)
         yield
 
 
