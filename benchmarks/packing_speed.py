@@ -34,7 +34,8 @@ def stock_trainer(paths, model_path, train_cfg, out, callbacks):
     from trl import SFTTrainer
 
     from sftflow.models import load_tokenizer
-    from sftflow.tasks.training.train import _dataset, load_model, lora_targets, sft_args
+    from sftflow.tasks.training.setup import load_model, lora_targets
+    from sftflow.tasks.training.trainer import _dataset, sft_args
 
     class Counting(SFTTrainer):  # counts non-pad tokens as sftflow's trainer does; nothing else changes
         input_tokens = 0
@@ -54,7 +55,7 @@ def stock_trainer(paths, model_path, train_cfg, out, callbacks):
 
 
 def build(paths, model, cfg, arm: str, out, args, **overrides):
-    from sftflow.tasks.training.train import build_trainer
+    from sftflow.tasks.training.trainer import build_trainer
 
     update = {"batching": "padded" if arm == "trl_default" else arm, "logging_steps": 1, "eval_steps": None,
               "warmup_ratio": 0.0, **overrides}

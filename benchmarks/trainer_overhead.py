@@ -17,7 +17,7 @@ from common import demo_tokens, load_average, median, step_timer, workdir
 
 
 def trainer_steps(paths, model, cfg, steps, out):
-    from sftflow.tasks.training.train import build_trainer
+    from sftflow.tasks.training.trainer import build_trainer
 
     train_cfg = cfg.train.model_copy(update={"max_steps": steps, "logging_steps": 1, "warmup_ratio": 0.0,
                                               "eval_steps": None})
@@ -33,7 +33,7 @@ def trainer_steps(paths, model, cfg, steps, out):
 def bare_steps(trainer, batch, steps, lr):
     import torch
 
-    from sftflow.tasks.training.train import projected_loss, trained_positions
+    from sftflow.tasks.training.trainer import projected_loss, trained_positions
 
     model = trainer.model
     model.train()

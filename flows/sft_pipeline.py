@@ -23,8 +23,9 @@ from sftflow.tasks.evaluation.gate import gate_task
 from sftflow.tasks.evaluation.heldout import heldout_task
 from sftflow.tasks.evaluation.report import report_task
 from sftflow.tasks.training.model import model_task
+from sftflow.tasks.training.run import train_task
+from sftflow.tasks.training.setup import check_hardware
 from sftflow.tasks.training.template import template_task
-from sftflow.tasks.training.train import check_hardware, train_task
 from sftflow.tracking import parent_run
 
 

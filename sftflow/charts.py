@@ -1,4 +1,4 @@
-"""Charts logged as artifacts (matplotlib, headless)."""
+"""Every chart sftflow draws (matplotlib, headless Agg backend): forgetting deltas, training curves, run comparisons."""
 
 from __future__ import annotations
 
@@ -28,3 +28,25 @@ def plot_deltas(rows: list[dict], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("loss", ("loss", "eval_loss")), ("learning rate", ("learning_rate",)), ("grad norm", ("grad_norm",)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.5))
+    for ax, (label, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(h["step"], h[key]) for h in history if key in h]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=key)
+        ax.set_xlabel("step"), ax.set_ylabel(label)
+        if len(keys) > 1:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

@@ -14,7 +14,7 @@ from conftest import CUDA, cuda_only, make_record, template_splits
 from sftflow.configs.schema import TrainConfig
 from sftflow.records import read_jsonl
 from sftflow.tasks.training import attention
-from sftflow.tasks.training.train import build_trainer
+from sftflow.tasks.training.trainer import build_trainer
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_padding_free_matches_padded_training_loss(tmp_path, token_paths, tiny_m
 
 
 def test_packing_refuses_records_longer_than_a_row(tmp_path, token_paths, tiny_model):
-    from sftflow.tasks.training.train import TrainSetupError
+    from sftflow.tasks.training.setup import TrainSetupError
 
     with pytest.raises(TrainSetupError, match="pack_length"):
         build_trainer(token_paths, tiny_model, TrainConfig(batching="packed", pack_length=8), tmp_path)

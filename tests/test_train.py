@@ -11,7 +11,9 @@ from sftflow.configs.schema import TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
 from sftflow.tasks.training import compat
-from sftflow.tasks.training.train import TrainSetupError, build_trainer, check_hardware, kernels, precision, train
+from sftflow.tasks.training.setup import TrainSetupError, check_hardware, kernels, precision
+from sftflow.tasks.training.train import train
+from sftflow.tasks.training.trainer import build_trainer
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +156,7 @@ def test_loss_from_trained_positions_only_equals_the_models_own_loss(tiny_model)
     """The CPU loss asks the model for the logits of trained positions only; value and gradients must not change."""
     from transformers import AutoModelForCausalLM
 
-    from sftflow.tasks.training.train import projected_loss, trained_positions
+    from sftflow.tasks.training.trainer import projected_loss, trained_positions
 
     torch.manual_seed(0)
     ids = torch.randint(3, 200, (3, 24))
