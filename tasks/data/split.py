@@ -1,11 +1,11 @@
-"""Stage 3: leak-proof train/val/test split, decontamination, and the data stage's accounting and report.
+"""Stage 3: leak-proof train/val/test split and decontamination; the data stage's ledger and report close it.
 
 Records are split in groups: a near-duplicate cluster (from curate) and equal `group_key` values stay
 in one split; groups are shuffled with the seed within strata (source + label or category) and cut by
 the ratios, so the same input and seed give the same bytes. Then, in this order: records of any split
 that overlap an evaluated benchmark item, and train records that overlap the test split, are removed
 (the test split must exist before it can be checked against). records in = kept + rejected + exact
-dups + near dups + contaminated is asserted over the whole data stage.
+dups + near dups + contaminated is asserted over the whole data stage (ledger.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sftflow.configs.schema import SplitConfig
 from sftflow.records import read_jsonl, reject, write_jsonl
 from sftflow.stagecache import cached
 from sftflow.tasks.data import decontam
-from sftflow.tasks.data.report import dominant_lines, markdown
+from sftflow.tasks.data.ledger import account, dominant_lines, markdown
 from sftflow.tracking import stage_task
 
 SPLITS = ("train", "val", "test")
@@ -117,18 +117,6 @@ def decontaminate(parts: dict[str, list[dict]], cfg: SplitConfig, bench_targets:
     report.update(removed=len(hits), by_split={s: sum(split_of[k] == s for k in hits) for s in SPLITS},
                   matches=[{"id": k, "split": split_of[k], **v} for k, v in sorted(hits.items())][:200])
     return clean, rejects, report
-
-
-def account(upstream: dict, curated: int, parts: dict, contaminated: int) -> dict:
-    """The data stage's ledger; raises if any record is unaccounted for."""
-    c = upstream.get("curate", {})
-    ledger = {"records_in": upstream.get("load", {}).get("rows", curated), "kept": sum(len(p) for p in parts.values()),
-              "rejected": upstream.get("load", {}).get("rejected", 0) + c.get("rejected", 0),
-              "exact_dup": c.get("exact_dup", 0), "near_dup": c.get("near_dup", 0), "contaminated": contaminated}
-    total = ledger["kept"] + ledger["rejected"] + ledger["exact_dup"] + ledger["near_dup"] + ledger["contaminated"]
-    if upstream and total != ledger["records_in"]:
-        raise AssertionError(f"data accounting does not add up: {ledger} (sum {total})")
-    return ledger
 
 
 def log_datasets(paths: dict[str, Path]) -> None:

@@ -1,8 +1,21 @@
-"""The curation report as markdown (MLflow artifact, Prefect artifact, `sftflow curate` output)."""
+"""The data stage's ledger (every record in is kept or removed by a named rule, asserted) and the curation
+report (markdown: MLflow artifact, Prefect artifact, `sftflow curate` output)."""
 
 from __future__ import annotations
 
 from sftflow.records import snippet
+
+
+def account(upstream: dict, curated: int, parts: dict, contaminated: int) -> dict:
+    """The data stage's ledger; raises if any record is unaccounted for."""
+    c = upstream.get("curate", {})
+    ledger = {"records_in": upstream.get("load", {}).get("rows", curated), "kept": sum(len(p) for p in parts.values()),
+              "rejected": upstream.get("load", {}).get("rejected", 0) + c.get("rejected", 0),
+              "exact_dup": c.get("exact_dup", 0), "near_dup": c.get("near_dup", 0), "contaminated": contaminated}
+    total = ledger["kept"] + ledger["rejected"] + ledger["exact_dup"] + ledger["near_dup"] + ledger["contaminated"]
+    if upstream and total != ledger["records_in"]:
+        raise AssertionError(f"data accounting does not add up: {ledger} (sum {total})")
+    return ledger
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
