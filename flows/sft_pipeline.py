@@ -35,7 +35,7 @@ def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> dict:
                           load_rejected=loaded["ledger"]["rejected"])
     splits = split_task(ctx, curated["records"], config.split, upstream={"load": loaded["ledger"],
                                                                          "curate": curated["ledger"]},
-                        benchmarks=decontam_targets(config.eval), data_root=config.data.root)
+                        benchmarks=decontam_targets(config.eval), benchmark_root=config.eval.benchmark_root)
     create_markdown_artifact(key="sftflow-curation", markdown=splits["report_md"],
                              description="data curation report: accounting, rejects, duplicates, contamination")
     return splits
@@ -76,7 +76,7 @@ def sft_pipeline(config: PipelineConfig) -> dict:
                             system_prompt=config.template.system_prompt, trust_remote_code=trust,
                             bootstrap_iters=config.eval.bootstrap_iters, seed=config.eval.seed,
                             chat_tokenizer=tokens["paths"]["tokenizer"])
-        bench = benchmarks_task(ctx, models, config.eval, config.data.root, trust_remote_code=trust)
+        bench = benchmarks_task(ctx, models, config.eval, trust_remote_code=trust)
         verdict = gate_task(ctx, [held["metrics"], bench["metrics"]], config.gate)
 
         # 7. report

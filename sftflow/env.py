@@ -20,6 +20,10 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 
+# The shared data folder beside the repository: the default of data.root (training data) and of
+# eval.benchmark_root (the MMLU/BBH originals), which are separate settings.
+SHARED_DATA = "../shared/data"
+
 
 def state_dir() -> Path:
     """Where runs, models, Prefect's and MLflow's databases live (default ./.sftflow)."""
@@ -43,6 +47,9 @@ def configure(offline: bool) -> Path:
     # A cold ephemeral Prefect server runs migrations first; the 20 s default is tight on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Prefect's console handler, minus the tracebacks of user errors (the CLI prints their one-line message).
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS",
+                          "sftflow.prefect_console.QuietUserErrorsConsoleHandler")
     if offline:
         os.environ.update(OFFLINE_ENV)
     return state

@@ -13,11 +13,13 @@ import json
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from sftflow.errors import UserError
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 PREVIOUS = "sftflow.previous_champion"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     pass
 
 

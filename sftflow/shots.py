@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from sftflow import browser, compare, links
+from sftflow.errors import UserError
 
 
-class ShotError(RuntimeError):
+class ShotError(UserError, RuntimeError):
     pass
 
 

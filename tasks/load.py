@@ -16,12 +16,13 @@ from pathlib import Path
 
 from sftflow import cache
 from sftflow.configs.schema import DataConfig, Source
+from sftflow.errors import UserError
 from sftflow.records import ROLES, record_id, reject, write_jsonl
 from sftflow.tasks.stagecache import cached
 from sftflow.tracking import stage_task
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input that cannot be read at all (missing files, broken JSON); names the file and line."""
 
 

@@ -29,11 +29,12 @@ import yaml
 from sftflow import attention
 from sftflow.checkpoints import run_trainer, schedule_args
 from sftflow.configs.schema import TrainConfig
+from sftflow.errors import UserError
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(UserError, ValueError):
     """A training setup this machine or model cannot run; raised before the model loads."""
 
 
