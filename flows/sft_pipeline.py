@@ -11,8 +11,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from sftflow import env, links
+from sftflow import env, fence, links
 from sftflow.configs.schema import PipelineConfig
+from sftflow.redact import scrub
 from sftflow.tasks.benchmarks import benchmarks_task
 from sftflow.tasks.curate import curate_task
 from sftflow.tasks.decontam import targets as decontam_targets
@@ -45,6 +46,7 @@ def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> dict:
 def curate_pipeline(config: PipelineConfig) -> dict:
     """Only the data stage (and the base model's tokenizer for the pre-flight token counts)."""
     state = env.configure(config.offline)
+    fence.enforce(config)
     with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
         base = model_task(ctx, config.model, config.offline)
         splits = prepare_data(ctx, config, base["path"])
@@ -55,6 +57,7 @@ def curate_pipeline(config: PipelineConfig) -> dict:
 @flow(name="sft-pipeline")
 def sft_pipeline(config: PipelineConfig) -> dict:
     state = env.configure(config.offline)
+    fence.enforce(config)  # deployed on its own, its run form is a remote entry point too
     trust = config.model.trust_remote_code
     check_hardware(config.train)  # QLoRA or bf16 on a CPU-only machine fails now, not after the data stages
     with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
@@ -87,7 +90,7 @@ def sft_pipeline(config: PipelineConfig) -> dict:
         key="sftflow-summary",
         markdown=(f"## sftflow run `{config.name}`\n\nMLflow run: `{ctx.parent_run_id}` "
                   f"{links.mlflow_run_url(ctx.experiment_id, ctx.parent_run_id) or ''} "
-                  f"(experiment `{config.tracking.experiment}`, tracking URI `{mlflow.get_tracking_uri()}`)\n\n"
+                  f"(experiment `{config.tracking.experiment}`, tracking URI `{scrub(mlflow.get_tracking_uri())}`)\n\n"
                   f"Run directory: `{ctx.run_dir}`\n\n{summary['markdown']}\n"),
         description="base vs fine-tuned summary and the MLflow run of this flow run")
     if forgetting:
