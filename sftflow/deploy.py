@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from sftflow.errors import UserError
 from sftflow.fence import Fence
 
 DEFINITIONS = Path("deployments/deployments.yaml")
@@ -28,7 +29,7 @@ class DeploymentSpec(BaseModel):
 
 def load_specs(path: Path = DEFINITIONS) -> dict[str, DeploymentSpec]:
     if not path.is_file():
-        raise FileNotFoundError(f"deployment definitions not found: {path} (run from the project directory)")
+        raise UserError(f"deployment definitions not found: {path} (run from the project directory)")
     return {name: DeploymentSpec.model_validate(spec) for name, spec in (yaml.safe_load(path.read_text()) or {}).items()}
 
 
@@ -64,7 +65,8 @@ def apply(specs: dict[str, DeploymentSpec], pool: str, config_file: str | None =
         limit = (ConcurrencyLimitConfig(limit=spec.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
                  if spec.concurrency_limit else None)
         deployments.append(retrain.to_deployment(
-            name, description=spec.description, parameters=parameters, tags=[*spec.tags, *allowed(spec, config_file).to_tags()],
+            name, description=spec.description, parameters=parameters,
+            tags=[*spec.tags, *allowed(spec, config_file).to_tags()],
             schedules=[CronSchedule(cron=schedule, timezone=spec.timezone)] if spec.cron else None,
             concurrency_limit=limit, job_variables={**job_variables, **spec.job_variables},
             entrypoint_type=EntrypointType.MODULE_PATH))

@@ -49,7 +49,8 @@ def test_a_partial_mirror_names_every_missing_file_and_how_to_fix_it(tmp_path, d
         shutil.copy(data_root / f"mmlu/{split_name}/anatomy_{split_name}.csv", part / "mmlu" / split_name)
     (part / "bbh").mkdir()
     shutil.copy(data_root / "bbh/navigate.json", part / "bbh")
-    ok = load_config(SMOKE, [f"eval.benchmark_root={part}", "eval.mmlu.subtasks=[anatomy]", "eval.bbh.subtasks=[navigate]"])
+    ok = load_config(SMOKE, [f"eval.benchmark_root={part}", "eval.mmlu.subtasks=[anatomy]",
+                             "eval.bbh.subtasks=[navigate]"])
     assert ok.eval.benchmark_root == str(part)
     with pytest.raises(ConfigError) as err:
         load_config(SMOKE, [f"eval.benchmark_root={part}"])  # smoke also wants virology and boolean_expressions
@@ -60,7 +61,8 @@ def test_a_partial_mirror_names_every_missing_file_and_how_to_fix_it(tmp_path, d
     with pytest.raises(ConfigError, match=" 112 benchmark file"):  # "all": lm-eval's 57 subjects, 56 absent here
         load_config(SMOKE, [f"eval.benchmark_root={part}", "eval.mmlu.subtasks=all", "eval.bbh.enabled=false"])
     # Turned off, a benchmark needs no files; nothing evaluated, nothing checked.
-    load_config(SMOKE, [f"eval.benchmark_root={tmp_path / 'none'}", "eval.mmlu.enabled=false", "eval.bbh.enabled=false"])
+    load_config(SMOKE, [f"eval.benchmark_root={tmp_path / 'none'}", "eval.mmlu.enabled=false",
+                        "eval.bbh.enabled=false"])
 
 
 def test_unknown_subtasks_stop_at_the_config(tmp_path):
@@ -72,7 +74,8 @@ def test_decontamination_that_indexes_nothing_is_an_error(tmp_path, data_root):
     empty = tmp_path / "bench"
     (empty / "bbh").mkdir(parents=True)
     (empty / "bbh" / "navigate.json").write_text(json.dumps({"examples": []}))  # present, but holds no item
-    cfg = load_config(SMOKE, [f"eval.benchmark_root={empty}", "eval.mmlu.enabled=false", "eval.bbh.subtasks=[navigate]"])
+    cfg = load_config(SMOKE, [f"eval.benchmark_root={empty}", "eval.mmlu.enabled=false",
+                              "eval.bbh.subtasks=[navigate]"])
     records = user_data(tmp_path / "mine", data_root)
     with pytest.raises(DecontamError, match="indexed 0 benchmark items"):
         split(str(records), cfg.split, tmp_path / "split", benchmarks=targets(cfg.eval),

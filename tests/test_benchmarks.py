@@ -55,7 +55,8 @@ def test_bbh_mirror_keeps_stock_prompts_and_scores_the_stripped_generation(tmp_p
 
 
 def test_real_lm_eval_sweep_on_tiny_model(tmp_path, data_root, tiny_model):
-    cfg = EvalConfig(benchmark_root=str(data_root), mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
+    cfg = EvalConfig(benchmark_root=str(data_root),
+                     mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
                      bbh=BenchmarkConfig(subtasks=["navigate"], limit=2, num_fewshot=3), batch_size=4,
                      bootstrap_iters=200)
     out = benchmarks({"base": {"path": tiny_model}, "ft": {"path": tiny_model}}, cfg, tmp_path)
@@ -83,7 +84,8 @@ def test_base_results_are_cached_across_runs(tmp_path, data_root, tiny_model, mo
     base = resolve(tiny_model, offline=True)
     models = {"base": {"path": base.path, "digest": base.digest}}
     # MMLU only: loglikelihood tasks keep this fast; BBH runs through the same code in the sweep test.
-    cfg = EvalConfig(benchmark_root=str(data_root), mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
+    cfg = EvalConfig(benchmark_root=str(data_root),
+                     mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
                      bbh=BenchmarkConfig(enabled=False, num_fewshot=3), batch_size=4, seed=987)
     first = benchmarks(models, cfg, tmp_path / "run1")["metrics"]
     assert first["eval/base/evaluated_tasks"] == 2 and first["eval/base/cached_tasks"] == 0
@@ -109,7 +111,8 @@ def test_base_results_are_cached_across_runs(tmp_path, data_root, tiny_model, mo
 
 
 def test_chat_template_option_renders_prompts_through_the_base_template(tmp_path, data_root, tiny_model):
-    cfg = EvalConfig(benchmark_root=str(data_root), mmlu=BenchmarkConfig(subtasks=["anatomy"], limit=1, num_fewshot=1),
+    cfg = EvalConfig(benchmark_root=str(data_root),
+                     mmlu=BenchmarkConfig(subtasks=["anatomy"], limit=1, num_fewshot=1),
                      bbh=BenchmarkConfig(enabled=False, num_fewshot=0), apply_chat_template=True, bootstrap_iters=50)
     models = {"base": {"path": tiny_model, "tokenizer": tiny_model}, "ft": {"path": tiny_model, "tokenizer": tiny_model}}
     benchmarks(models, cfg, tmp_path / "chat")
@@ -125,7 +128,8 @@ def test_chat_template_option_renders_prompts_through_the_base_template(tmp_path
 def test_stock_task_names_run_alone_and_expand_groups_and_tags(tmp_path, data_root, tiny_model):
     """eval.tasks takes any lm-eval name. Stock data needs the hub, so this resolves a tag offline through the
     same path: lm-eval's full task index plus the mirror folder, where `sftflow_mmlu` tags the MMLU mirrors."""
-    cfg = EvalConfig(benchmark_root=str(data_root), mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
+    cfg = EvalConfig(benchmark_root=str(data_root),
+                     mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
                      bbh=BenchmarkConfig(enabled=False, num_fewshot=0),
                      tasks=["sftflow_mmlu"], tasks_limit=1, bootstrap_iters=50)
     out = benchmarks({"base": {"path": tiny_model}}, cfg, tmp_path)["metrics"]

@@ -51,7 +51,8 @@ def assert_clean(proc, message: str, max_lines: int | None = None) -> None:
     assert "Traceback" not in out and "| ERROR" not in out, out  # neither ours nor Prefect's
     shown = [line for line in lines(proc) if "Stopping temporary server" not in line]
     start = next(i for i, line in enumerate(shown) if line.startswith("error: "))
-    assert shown[-1].startswith("traceback: ") and len(shown) - start <= 5, out  # the message, then where its traceback is
+    # the message (at most a few lines), then where its traceback is, and nothing after
+    assert shown[-1].startswith("traceback: ") and len(shown) - start <= 5, out
     assert max_lines is None or len(lines(proc)) <= max_lines, out
     assert SECRET not in out
 
