@@ -52,8 +52,3 @@ def redact(tree: Any, key: str = "") -> Any:
         return scrub(tree)
     return tree
 
-
-def redact_override(pair: str) -> str:
-    """`key.path=value` with the value masked when the key looks secret (for messages and logs)."""
-    key, sep, value = pair.partition("=")
-    return f"{key}{sep}{MASK}" if sep and is_secret_key(key.strip()) else scrub(pair)

@@ -166,3 +166,18 @@ def test_secrets_reach_no_mlflow_param_tag_or_artifact(deployments, tmp_path, mo
     assert any(p.name == "config.yaml" for p in stores)
     for secret in (token, password, keyed):
         assert not [str(p) for p in stores if secret.encode() in p.read_bytes()], secret
+
+
+def test_redaction_masks_secret_keys_env_values_and_url_passwords_but_not_token_counts(monkeypatch):
+    from sftflow.configs.schema import flatten
+    from sftflow.redact import scrub
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh123")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # a setting named like a token: not a secret
+    flat = flatten({"curate": {"max_tokens": 512}, "model": {"hub_token": "x1", "api_key": None},
+                    "tracking": {"uri": "https://bob:s3cret@mlflow.example/x"}, "note": "uses hf_abcdefgh123 here",
+                    "eval": {"heldout": {"max_new_tokens": 8}}, "flag": "false"})
+    assert flat == {"curate.max_tokens": "512", "model.hub_token": "***", "model.api_key": "***",
+                    "tracking.uri": "https://bob:***@mlflow.example/x", "note": "uses *** here",
+                    "eval.heldout.max_new_tokens": "8", "flag": "false"}
+    assert scrub("plain text") == "plain text"
