@@ -11,6 +11,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sftflow.env import SHARED_DATA
+from sftflow.errors import UserError
+from sftflow.redact import MASK, is_secret_key, redact
+
 Ratio = Annotated[float, Field(ge=0.0, lt=0.5)]
 Positive = Annotated[int, Field(gt=0)]
 
@@ -44,7 +48,7 @@ class Source(Section):
 
 
 class DataConfig(Section):
-    root: str = "../shared/data"
+    root: str = Field(SHARED_DATA, description="training data: sources' paths are relative to it")
     sources: list[Source] = Field(min_length=1)
     seed: int = 0
 
@@ -256,6 +260,9 @@ class BenchmarkConfig(Section):
 
 
 class EvalConfig(Section):
+    benchmark_root: str = Field(
+        SHARED_DATA, description="folder of the MMLU/BBH originals (mmlu/, bbh/) the eval and decontamination read; "
+                                 "checked when the config loads")
     heldout: HeldoutConfig = HeldoutConfig()
     mmlu: BenchmarkConfig = BenchmarkConfig(num_fewshot=5)
     bbh: BenchmarkConfig = BenchmarkConfig(num_fewshot=3)
@@ -307,7 +314,7 @@ class PipelineConfig(Section):
         return hashlib.sha256(blob).hexdigest()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the file, field, value and what is allowed."""
 
 
@@ -381,17 +388,33 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         lines = [_describe(e, origin, PipelineConfig) for e in exc.errors()]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    cfg.eval.benchmark_root = str(Path(cfg.eval.benchmark_root).expanduser().resolve())
+    check_benchmarks(cfg, origin)
     return cfg
 
 
+def check_benchmarks(cfg: PipelineConfig, origin: str = "config") -> None:
+    """Every subtask the eval runs (and decontamination indexes) must exist, with all its files, before any
+    work starts: a run that trained for an hour must not fail at evaluation, nor decontaminate against nothing."""
+    from sftflow.tasks.evaluation.mirrors import BENCHMARKS, missing_files, missing_message, unknown_subtasks
+
+    wanted = {name: getattr(cfg.eval, name).subtasks for name in BENCHMARKS if getattr(cfg.eval, name).enabled}
+    if unknown := [msg for name, subs in wanted.items() if (msg := unknown_subtasks(name, subs))]:
+        raise ConfigError(f"{origin}: " + "\n".join(unknown))
+    if missing := missing_files(Path(cfg.eval.benchmark_root), wanted):
+        raise ConfigError(f"{origin}: " + missing_message(Path(cfg.eval.benchmark_root), missing))
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"train.lora.r": "8", ...} for MLflow params."""
+    """Nested config -> {"train.lora.r": "8", ...} for MLflow params; secrets masked (sftflow.redact)."""
     if isinstance(tree, BaseModel):
         tree = tree.model_dump(mode="json")
+    tree = redact(tree)
     out: dict[str, str] = {}
     if isinstance(tree, dict):
         for key, value in tree.items():
             out.update(flatten(value, f"{prefix}{key}."))
         return out
-    out[prefix.rstrip(".")] = json.dumps(tree) if isinstance(tree, list) else str(tree)
+    key = prefix.rstrip(".")
+    out[key] = MASK if is_secret_key(key) else json.dumps(tree) if isinstance(tree, list) else str(tree)
     return out

@@ -15,18 +15,23 @@ from prefect.states import Completed
 
 from sftflow import cache, env
 from sftflow.configs.schema import PipelineConfig, Source, load_config
-from sftflow.ops import links, registry
+from sftflow.ops import fence, links, registry
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_path(config_file: str) -> Path:
+    path = Path(config_file).expanduser()
+    if not path.is_absolute() and not path.exists() and (PACKAGED_CONFIGS / path.name).exists():
+        path = PACKAGED_CONFIGS / path.name
+    return path
 
 
 def resolve_config(config_file: str, overrides: list[str], model: str | None, method: str | None,
                    sources: list[Source] | None) -> PipelineConfig:
     """The run's config: a YAML file (relative to the working directory, else a shipped config by name)
     with `--set`-style overrides, then the form's model/method/sources fields on top."""
-    path = Path(config_file).expanduser()
-    if not path.is_absolute() and not path.exists() and (PACKAGED_CONFIGS / path.name).exists():
-        path = PACKAGED_CONFIGS / path.name
+    path = config_path(config_file)
     extra = [*(overrides or []), *([f"model.base={model}"] if model else []),
              *([f"train.method={method}"] if method else [])]
     cfg = load_config(path, extra)
@@ -70,7 +75,13 @@ def retrain(config_file: str = "configs/demo.yaml", overrides: list[str] | None 
     from sftflow.tasks.evaluation.report import to_markdown
 
     logger = get_run_logger()
+    # Started from a deployment (UI form, API): the deployment's own policy bounds what the form may ask for.
+    guard = fence.deployment_fence()
+    if guard:
+        fence.refuse(guard[0], fence.config_file_violations(config_path(config_file), guard[1], PACKAGED_CONFIGS))
     cfg = resolve_config(config_file, overrides or [], model, method, sources)
+    if guard:
+        fence.refuse(guard[0], fence.violations(cfg, guard[1]))
     env.configure(cfg.offline)
     fp = fingerprint(cfg)
     known = None if force else registry.find_version(cfg.name, fp["fingerprint"])

@@ -13,7 +13,8 @@ from prefect.runtime import flow_run
 
 from sftflow import env
 from sftflow.configs.schema import PipelineConfig
-from sftflow.ops import links
+from sftflow.ops import fence, links
+from sftflow.redact import scrub
 from sftflow.tasks.data.curate import curate_task
 from sftflow.tasks.data.decontam import targets as decontam_targets
 from sftflow.tasks.data.load import load_task
@@ -37,7 +38,7 @@ def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> dict:
                           load_rejects=loaded["rejects"])
     splits = split_task(ctx, curated["records"], config.split, upstream={"load": loaded["ledger"],
                                                                          "curate": curated["ledger"]},
-                        benchmarks=decontam_targets(config.eval), data_root=config.data.root)
+                        benchmarks=decontam_targets(config.eval), benchmark_root=config.eval.benchmark_root)
     create_markdown_artifact(key="sftflow-curation", markdown=splits["report_md"],
                              description="data curation report: accounting, rejects, duplicates, contamination")
     return splits
@@ -47,6 +48,7 @@ def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> dict:
 def curate_pipeline(config: PipelineConfig) -> dict:
     """Only the data stage (and the base model's tokenizer for the pre-flight token counts)."""
     state = env.configure(config.offline)
+    fence.enforce(config)
     with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
         base = model_task(ctx, config.model, config.offline)
         splits = prepare_data(ctx, config, base["path"])
@@ -57,6 +59,7 @@ def curate_pipeline(config: PipelineConfig) -> dict:
 @flow(name="sft-pipeline")
 def sft_pipeline(config: PipelineConfig) -> dict:
     state = env.configure(config.offline)
+    fence.enforce(config)  # deployed on its own, its run form is a remote entry point too
     trust = config.model.trust_remote_code
     check_hardware(config.train)  # QLoRA or bf16 on a CPU-only machine fails now, not after the data stages
     with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
@@ -78,7 +81,7 @@ def sft_pipeline(config: PipelineConfig) -> dict:
                             system_prompt=config.template.system_prompt, trust_remote_code=trust,
                             bootstrap_iters=config.eval.bootstrap_iters, seed=config.eval.seed,
                             chat_tokenizer=tokens["paths"]["tokenizer"])
-        bench = benchmarks_task(ctx, models, config.eval, config.data.root, trust_remote_code=trust)
+        bench = benchmarks_task(ctx, models, config.eval, trust_remote_code=trust)
         verdict = gate_task(ctx, [held["metrics"], bench["metrics"]], config.gate)
 
         # 7. report
@@ -89,7 +92,7 @@ def sft_pipeline(config: PipelineConfig) -> dict:
         key="sftflow-summary",
         markdown=(f"## sftflow run `{config.name}`\n\nMLflow run: `{ctx.parent_run_id}` "
                   f"{links.mlflow_run_url(ctx.experiment_id, ctx.parent_run_id) or ''} "
-                  f"(experiment `{config.tracking.experiment}`, tracking URI `{mlflow.get_tracking_uri()}`)\n\n"
+                  f"(experiment `{config.tracking.experiment}`, tracking URI `{scrub(mlflow.get_tracking_uri())}`)\n\n"
                   f"Run directory: `{ctx.run_dir}`\n\n{summary['markdown']}\n"),
         description="base vs fine-tuned summary and the MLflow run of this flow run")
     if forgetting:

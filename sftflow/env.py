@@ -21,6 +21,10 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 
+# The shared data folder beside the repository: the default of data.root (training data) and of
+# eval.benchmark_root (the MMLU/BBH originals), which are separate settings.
+SHARED_DATA = "../shared/data"
+
 
 # MLflow's HTTP client defaults (7 retries with backoff factor 2, 120 s timeout) spend ~4.5 minutes on an
 # unreachable tracking server before a stage fails; a short budget fails within seconds, still riding out a blip.
@@ -56,6 +60,9 @@ def configure(offline: bool) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name, value in MLFLOW_HTTP_ENV.items():
         os.environ.setdefault(name, value)
+    # Prefect's console handler, minus the tracebacks of user errors (the CLI prints their one-line message).
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS",
+                          "sftflow.prefect_console.QuietUserErrorsConsoleHandler")
     if offline:
         os.environ.update(OFFLINE_ENV)
     return state

@@ -21,11 +21,12 @@ import yaml
 
 from sftflow.cache import file_digest
 from sftflow.env import state_dir
+from sftflow.errors import UserError
 
 MANIFEST = "sftflow-model.json"
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     pass
 
 

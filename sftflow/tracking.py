@@ -18,8 +18,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from sftflow import env
+from sftflow import env, errors
 from sftflow.ops.links import prefect_flow_run_url
+from sftflow.redact import redact
 
 
 class RunContext(BaseModel):
@@ -85,7 +86,7 @@ def close_orphans(experiment_id: str) -> list[str]:
     return orphans
 
 
-class TrackingUnreachable(ConnectionError):
+class TrackingUnreachable(errors.UserError, ConnectionError):
     """The MLflow tracking server does not answer: nothing can be recorded, so the run stops at once."""
 
 
@@ -121,7 +122,7 @@ def tracking_errors(timeout: float = 5.0) -> Iterator[None]:
         yield
     except TrackingUnreachable:
         raise
-    except (MlflowException, RequestException, ConnectionError) as exc:
+    except (MlflowException, RequestException, ConnectionError):
         import mlflow
 
         uri = mlflow.get_tracking_uri()
@@ -167,7 +168,7 @@ def run_stage(name: str, fn: Callable, ctx: RunContext, *args, **kwargs) -> dict
         duration = time.perf_counter() - start
         metrics = finite_metrics({**result.get("metrics", {}), f"{name}/duration_s": duration})
         if result.get("params"):
-            mlflow.log_params({k: str(v)[:6000] for k, v in result["params"].items()})
+            mlflow.log_params({k: str(v)[:6000] for k, v in redact(result["params"]).items()})
         mlflow.log_metrics(metrics)
         log_artifacts(result.get("artifacts", []))
         result["mlflow_run_id"] = run.info.run_id
@@ -204,7 +205,9 @@ def _artifact_root(state: Path) -> Path | None:
 
 @contextlib.contextmanager
 def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterator[RunContext]:
-    """Open the flow's run directory and parent MLflow run (params = flattened resolved config)."""
+    """Open the flow's run directory and parent MLflow run (params = flattened resolved config, secrets masked).
+
+    A user error raised inside names this run's folder, where the CLI writes its traceback (error.log)."""
     import mlflow
     import yaml
 
@@ -222,8 +225,12 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterat
     if url := prefect_flow_run_url(flow_run_id):  # only with a Prefect server whose UI outlives the run
         tags["prefect.flow_run_url"] = url
     with tracking_errors(), mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{flow_run_name}",
-                                             tags=tags) as run:
+                                             tags=redact(tags)) as run:
         mlflow.log_params(flatten(cfg))
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False))
         mlflow.log_artifact(str(run_dir / "config.yaml"))
-        yield RunContext(run_dir=str(run_dir), parent_run_id=run.info.run_id, experiment_id=exp_id)
+        try:
+            yield RunContext(run_dir=str(run_dir), parent_run_id=run.info.run_id, experiment_id=exp_id)
+        except errors.UserError as exc:
+            errors.attach_run_dir(exc, run_dir)
+            raise

@@ -2,8 +2,9 @@
 package folder is installed. Read from the source (AST), so nothing is imported."""
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -55,10 +55,11 @@ def test_bbh_mirror_keeps_stock_prompts_and_scores_the_stripped_generation(tmp_p
 
 
 def test_real_lm_eval_sweep_on_tiny_model(tmp_path, data_root, tiny_model):
-    cfg = EvalConfig(mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
+    cfg = EvalConfig(benchmark_root=str(data_root),
+                     mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
                      bbh=BenchmarkConfig(subtasks=["navigate"], limit=2, num_fewshot=3), batch_size=4,
                      bootstrap_iters=200)
-    out = benchmarks({"base": {"path": tiny_model}, "ft": {"path": tiny_model}}, cfg, str(data_root), tmp_path)
+    out = benchmarks({"base": {"path": tiny_model}, "ft": {"path": tiny_model}}, cfg, tmp_path)
     m = out["metrics"]
     assert m["eval/base/mmlu/n"] == 4 and m["eval/base/bbh/n"] == 2
     assert m["eval/base/mmlu_stem/acc"] == m["eval/base/mmlu/anatomy/acc"]  # anatomy is the only stem subject
@@ -83,9 +84,10 @@ def test_base_results_are_cached_across_runs(tmp_path, data_root, tiny_model, mo
     base = resolve(tiny_model, offline=True)
     models = {"base": {"path": base.path, "digest": base.digest}}
     # MMLU only: loglikelihood tasks keep this fast; BBH runs through the same code in the sweep test.
-    cfg = EvalConfig(mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
+    cfg = EvalConfig(benchmark_root=str(data_root),
+                     mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
                      bbh=BenchmarkConfig(enabled=False, num_fewshot=3), batch_size=4, seed=987)
-    first = benchmarks(models, cfg, str(data_root), tmp_path / "run1")["metrics"]
+    first = benchmarks(models, cfg, tmp_path / "run1")["metrics"]
     assert first["eval/base/evaluated_tasks"] == 2 and first["eval/base/cached_tasks"] == 0
 
     def no_lm_eval(*args, **kwargs):
@@ -93,7 +95,7 @@ def test_base_results_are_cached_across_runs(tmp_path, data_root, tiny_model, mo
 
     with monkeypatch.context() as patch:
         patch.setattr(stage, "run_lm_eval", no_lm_eval)
-        second = benchmarks(models, cfg, str(data_root), tmp_path / "run2")["metrics"]
+        second = benchmarks(models, cfg, tmp_path / "run2")["metrics"]
     assert second["eval/base/cached_tasks"] == 2 and second["eval/base/wall_s"] == 0.0
     assert {k: v for k, v in second.items() if "_tasks" not in k and "wall_s" not in k} == \
         {k: v for k, v in first.items() if "_tasks" not in k and "wall_s" not in k}
@@ -101,23 +103,24 @@ def test_base_results_are_cached_across_runs(tmp_path, data_root, tiny_model, mo
 
     # A new subtask is evaluated alone; a changed few-shot count is a different task.
     cfg.mmlu.subtasks = ["anatomy", "virology", "astronomy"]
-    third = benchmarks(models, cfg, str(data_root), tmp_path / "run3")["metrics"]
+    third = benchmarks(models, cfg, tmp_path / "run3")["metrics"]
     assert (third["eval/base/cached_tasks"], third["eval/base/evaluated_tasks"]) == (2, 1)
     cfg.mmlu.num_fewshot = 2
-    fourth = benchmarks(models, cfg, str(data_root), tmp_path / "run4")["metrics"]
+    fourth = benchmarks(models, cfg, tmp_path / "run4")["metrics"]
     assert (fourth["eval/base/cached_tasks"], fourth["eval/base/evaluated_tasks"]) == (0, 3)
 
 
 def test_chat_template_option_renders_prompts_through_the_base_template(tmp_path, data_root, tiny_model):
-    cfg = EvalConfig(mmlu=BenchmarkConfig(subtasks=["anatomy"], limit=1, num_fewshot=1),
+    cfg = EvalConfig(benchmark_root=str(data_root),
+                     mmlu=BenchmarkConfig(subtasks=["anatomy"], limit=1, num_fewshot=1),
                      bbh=BenchmarkConfig(enabled=False, num_fewshot=0), apply_chat_template=True, bootstrap_iters=50)
     models = {"base": {"path": tiny_model, "tokenizer": tiny_model}, "ft": {"path": tiny_model, "tokenizer": tiny_model}}
-    benchmarks(models, cfg, str(data_root), tmp_path / "chat")
+    benchmarks(models, cfg, tmp_path / "chat")
     [base], [ft] = (list(read_jsonl(tmp_path / "chat" / f"items_{t}.jsonl")) for t in ("base", "ft"))
     assert base["prompt"] == ft["prompt"] and base["prompt"].startswith("<|im_start|>system\nThe following are")
     assert base["prompt"].endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")  # few-shot as turns, then ask
     cfg.apply_chat_template = False
-    benchmarks({"base": models["base"]}, cfg, str(data_root), tmp_path / "plain")
+    benchmarks({"base": models["base"]}, cfg, tmp_path / "plain")
     [plain] = read_jsonl(tmp_path / "plain" / "items_base.jsonl")
     assert "<|im_start|>" not in plain["prompt"] and plain["prompt"].endswith("Answer:")
 
@@ -125,10 +128,11 @@ def test_chat_template_option_renders_prompts_through_the_base_template(tmp_path
 def test_stock_task_names_run_alone_and_expand_groups_and_tags(tmp_path, data_root, tiny_model):
     """eval.tasks takes any lm-eval name. Stock data needs the hub, so this resolves a tag offline through the
     same path: lm-eval's full task index plus the mirror folder, where `sftflow_mmlu` tags the MMLU mirrors."""
-    cfg = EvalConfig(mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
+    cfg = EvalConfig(benchmark_root=str(data_root),
+                     mmlu=BenchmarkConfig(subtasks=["anatomy", "virology"], limit=2, num_fewshot=1),
                      bbh=BenchmarkConfig(enabled=False, num_fewshot=0),
                      tasks=["sftflow_mmlu"], tasks_limit=1, bootstrap_iters=50)
-    out = benchmarks({"base": {"path": tiny_model}}, cfg, str(data_root), tmp_path)["metrics"]
+    out = benchmarks({"base": {"path": tiny_model}}, cfg, tmp_path)["metrics"]
     items = list(read_jsonl(tmp_path / "items_base.jsonl"))
     stock = [i for i in items if i["benchmark"] == "sftflow_mmlu"]
     assert sorted(i["task"] for i in stock) == ["sftflow_mmlu_anatomy", "sftflow_mmlu_virology"]  # tasks_limit=1

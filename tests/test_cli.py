@@ -61,7 +61,7 @@ def test_eval_runs_only_the_sweep_for_a_model_and_tracks_it(tiny_model):
 
 def test_eval_names_a_model_that_does_not_exist():
     result = runner.invoke(app, ["eval", "configs/smoke.yaml", "--model", "no/such-model"])
-    assert result.exit_code == 1 and "no/such-model" in result.output and "offline" in result.output
+    assert result.exit_code == 2 and "no/such-model" in result.output and "offline" in result.output  # a user error
 
 
 def test_eval_takes_a_lora_adapter_folder_on_the_configs_base(tmp_path, tiny_model):

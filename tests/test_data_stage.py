@@ -49,7 +49,7 @@ def run_stage(data, out, tokenizer, curate_cfg=None, split_cfg=None):
                      load_rejects=loaded["rejects"])
     return loaded, curated, split(curated["records"], split_cfg or SplitConfig(), out / "split",
                                   upstream={"load": loaded["ledger"], "curate": curated["ledger"]},
-                                  benchmarks=BENCH, data_root=data.root)
+                                  benchmarks=BENCH, benchmark_root=data.root)
 
 
 def planted_id(out, line):

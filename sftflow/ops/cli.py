@@ -10,26 +10,59 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
-app = typer.Typer(help="sftflow: curate, split, template, fine-tune (TRL) and evaluate forgetting (lm-eval), "
-                       "orchestrated by Prefect and tracked in MLflow.", no_args_is_help=True)
-model_app = typer.Typer(help="Base models available offline (registry aliases).", no_args_is_help=True)
-app.add_typer(model_app, name="model")
+from sftflow import errors
+
 # Logs and CI have no terminal: rich would fold tables to 80 columns and cut the CIs.
 console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+class UserErrorsHandled(TyperGroup):
+    """The one place user errors end: their message, where the traceback went, exit 2. Other errors are bugs
+    and keep typer's traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except errors.UserError as exc:
+            from sftflow.redact import scrub
+
+            log = errors.write_log(exc, ctx.invoked_subcommand or "")
+            if errors.DEBUG:
+                err_console.print_exception()
+            err_console.print(Text(f"error: {scrub(str(exc))}", style="red"), soft_wrap=True)
+            err_console.print(Text(f"traceback: {log} (sftflow --debug shows it here)", style="dim"), soft_wrap=True)
+            raise typer.Exit(errors.EXIT_USER_ERROR) from None
+
+
+# Locals in tracebacks would print configs and environments, secrets included.
+app = typer.Typer(cls=UserErrorsHandled, pretty_exceptions_show_locals=False, no_args_is_help=True,
+                  help="sftflow: curate, split, template, fine-tune (TRL) and evaluate forgetting (lm-eval), "
+                       "orchestrated by Prefect and tracked in MLflow.")
+model_app = typer.Typer(help="Base models available offline (registry aliases).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of user errors (and Prefect's "
+                                                             "failure logs) on the terminal")] = False) -> None:
+    if debug:
+        import os
+
+        errors.DEBUG = True
+        os.environ["SFTFLOW_DEBUG"] = "1"  # processes this one starts (training workers)
 
 ConfigArg = Annotated[Path, typer.Argument(help="pipeline config YAML, e.g. configs/demo.yaml")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override: key.path=value (repeatable)")]
 
 
 def _load(config: Path, overrides: list[str] | None):
-    from sftflow.configs.schema import ConfigError, load_config
+    from sftflow.configs.schema import load_config
 
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    return load_config(config, overrides or [])
 
 
 def print_summary(rows: list[dict], title: str) -> None:
@@ -59,15 +92,10 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     record = servers.use()  # after `sftflow up`, runs show in its Prefect and MLflow UIs
     state = env.configure(cfg.offline)
     from sftflow.flows.sft_pipeline import sft_pipeline
-    from sftflow.models import ModelError
-    from sftflow.tasks.data.load import DataError
+    from sftflow.redact import scrub
 
     start = time.perf_counter()
-    try:
-        result = sft_pipeline(config=cfg)
-    except (DataError, ModelError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]sftflow run failed: {exc}[/red]")
-        raise typer.Exit(1) from None
+    result = sft_pipeline(config=cfg)
     print_summary(result["rows"], f"sftflow {cfg.name}: base vs fine-tuned")
     gate = result["gate"]
     console.print(f"promotion gate: {'[green]passed' if gate['passed'] else '[red]failed'}[/] "
@@ -77,8 +105,9 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     if record:
         console.print(f"MLflow run {result['mlflow_run_id']}: {record['mlflow_url']}   Prefect: {record['prefect_url']}")
         return
-    console.print(f"MLflow run {result['mlflow_run_id']} in {os.environ['MLFLOW_TRACKING_URI']}\n"
-                  f"  browse: mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1\n"
+    uri = scrub(os.environ["MLFLOW_TRACKING_URI"])
+    console.print(f"MLflow run {result['mlflow_run_id']} in {uri}\n"
+                  f"  browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1\n"
                   f"  Prefect: PREFECT_HOME={state / 'prefect'} prefect server start --host 127.0.0.1")
 
 
@@ -92,14 +121,8 @@ def curate(config: ConfigArg, set_: SetOpt = None) -> None:
     cfg = _load(config, set_)
     env.configure(cfg.offline)
     from sftflow.flows.sft_pipeline import curate_pipeline
-    from sftflow.models import ModelError
-    from sftflow.tasks.data.load import DataError
 
-    try:
-        result = curate_pipeline(config=cfg)
-    except (DataError, ModelError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]sftflow curate failed: {exc}[/red]")
-        raise typer.Exit(1) from None
+    result = curate_pipeline(config=cfg)
     console.print(Markdown(result["report_md"]))
     console.print(f"splits: {', '.join(result['paths'].values())}\nMLflow run {result['mlflow_run_id']}",
                   soft_wrap=True)  # paths stay whole, to copy
@@ -119,18 +142,13 @@ def eval_(config: ConfigArg,
 
     cfg = _load(config, set_)
     state = env.configure(cfg.offline)
-    from sftflow.models import ModelError
     from sftflow.tasks.evaluation.benchmarks import benchmarks, sweep_models
     from sftflow.tracking import parent_run, run_stage
 
-    try:
-        models = sweep_models(model, cfg.model.base, cfg.offline, baseline)
-        with parent_run(cfg, state, "none (sftflow eval)", f"eval-{uuid.uuid4().hex[:8]}") as ctx:
-            result = run_stage("benchmarks", benchmarks, ctx, models, cfg.eval, cfg.data.root,
-                               trust_remote_code=cfg.model.trust_remote_code)
-    except (ModelError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]sftflow eval failed: {exc}[/red]")
-        raise typer.Exit(1) from None
+    models = sweep_models(model, cfg.model.base, cfg.offline, baseline)
+    with parent_run(cfg, state, "none (sftflow eval)", f"eval-{uuid.uuid4().hex[:8]}") as ctx:
+        result = run_stage("benchmarks", benchmarks, ctx, models, cfg.eval,
+                           trust_remote_code=cfg.model.trust_remote_code)
     print_sweep(result, list(models), f"sftflow eval {model}")
     console.print(f"run dir {ctx.run_dir}; MLflow run {ctx.parent_run_id}; "
                   "lm-eval wall time " + ", ".join(f"{t} {result['metrics'][f'eval/{t}/wall_s']:.0f} s "
@@ -175,13 +193,9 @@ def model_pull(name: Annotated[str, typer.Argument(help="registry alias, e.g. sm
     from sftflow import env
 
     env.configure(offline=True)
-    from sftflow.models import ModelError, pull
+    from sftflow.models import pull
 
-    try:
-        path = pull(name, force=force)
-    except ModelError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+    path = pull(name, force=force)
     console.print(f"{name}: {path}")
 
 
@@ -221,11 +235,7 @@ def up(prefect_port: PortOpt = 0, mlflow_port: PortOpt = 0,
     """Start a Prefect server, an MLflow tracking server and a Prefect worker (127.0.0.1); wait until healthy."""
     from sftflow.ops import servers
 
-    try:
-        record = servers.up(prefect_port, mlflow_port, pool, backend_store_uri, artifact_root)
-    except servers.ServerError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+    record = servers.up(prefect_port, mlflow_port, pool, backend_store_uri, artifact_root)
     _print_status(record)
     console.print(f"Prefect UI {record['prefect_url']}   MLflow UI {record['mlflow_url']}\n"
                   f"other tools: export PREFECT_API_URL={record['api_url']} MLFLOW_TRACKING_URI={record['mlflow_url']}")
@@ -276,8 +286,7 @@ def deploy(file: Annotated[Path, typer.Option(help="deployment definitions")] = 
     from sftflow.ops.deploy import apply, load_specs
 
     if record is None and pool is None:
-        console.print("[red]no servers running: `sftflow up` first, or set PREFECT_API_URL and --pool[/red]")
-        raise typer.Exit(1)
+        raise errors.UserError("no servers running: `sftflow up` first, or set PREFECT_API_URL and --pool")
     for name, dep_id in apply(load_specs(file), pool or record["pool"], config, cron, image).items():
         console.print(f"deployment {name}: {dep_id}")
     if record:
@@ -299,11 +308,7 @@ def promote(name: ModelName,
     _connect()
     from sftflow.ops import registry
 
-    try:
-        _print_version(registry.promote(name, version), "promoted")
-    except registry.RegistryError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+    _print_version(registry.promote(name, version), "promoted")
 
 
 @app.command()
@@ -312,11 +317,7 @@ def rollback(name: ModelName) -> None:
     _connect()
     from sftflow.ops import registry
 
-    try:
-        _print_version(registry.rollback(name), "rolled back")
-    except registry.RegistryError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+    _print_version(registry.rollback(name), "rolled back")
 
 
 RefsArg = Annotated[list[str], typer.Argument(help="MLflow run ids and/or experiment names (all their runs)")]
@@ -333,11 +334,7 @@ def compare(refs: RefsArg,
     from sftflow.ops import compare as cmp
 
     _connect()
-    try:
-        runs = cmp.views(refs)
-    except cmp.CompareError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    runs = cmp.views(refs)
     headers, rows = cmp.table(runs)
     table = Table(title="sftflow compare")
     table.add_column("")
@@ -358,16 +355,11 @@ def screenshots(refs: Annotated[Optional[list[str]], typer.Argument(
     """Screenshot the Prefect flow-run page and the MLflow comparison view (needs `sftflow up`, chromium)."""
     record = _connect()
     if record is None:
-        console.print("[red]no servers running: `sftflow up` first[/red]")
-        raise typer.Exit(1)
-    from sftflow.ops.shots import ShotError, take
+        raise errors.UserError("no servers running: `sftflow up` first")
+    from sftflow.ops.shots import take
 
-    try:
-        for path in take(record, refs or [], flow_run, out):
-            console.print(f"wrote {path}")
-    except ShotError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+    for path in take(record, refs or [], flow_run, out):
+        console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from sftflow.errors import UserError
+
 # Rows of the comparison after the config differences: (label, metric name prefix/suffix match).
 GAIN, FORGET = "heldout/delta/", "forgetting/"
 
@@ -31,7 +33,7 @@ class RunView:
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     pass
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from sftflow.errors import UserError
+from sftflow.ops.fence import Fence
+
 DEFINITIONS = Path("deployments/deployments.yaml")
 
 
@@ -20,12 +23,21 @@ class DeploymentSpec(BaseModel):
     timezone: str = "UTC"
     concurrency_limit: int | None = None
     job_variables: dict = {}
+    # What runs started from this deployment's form may do; written into the deployment's tags on apply.
+    allow: Fence = Fence()
 
 
 def load_specs(path: Path = DEFINITIONS) -> dict[str, DeploymentSpec]:
     if not path.is_file():
-        raise FileNotFoundError(f"deployment definitions not found: {path} (run from the project directory)")
+        raise UserError(f"deployment definitions not found: {path} (run from the project directory)")
     return {name: DeploymentSpec.model_validate(spec) for name, spec in (yaml.safe_load(path.read_text()) or {}).items()}
+
+
+def allowed(spec: DeploymentSpec, config_file: str | None) -> Fence:
+    """The deployment's fence; a default config chosen with `sftflow deploy --config` is the operator's choice,
+    so its folder is readable too."""
+    extra = [str(Path(config_file).expanduser().resolve().parent)] if config_file else []
+    return spec.allow.model_copy(update={"roots": [*spec.allow.roots, *extra]})
 
 
 def apply(specs: dict[str, DeploymentSpec], pool: str, config_file: str | None = None, cron: str | None = None,
@@ -53,7 +65,8 @@ def apply(specs: dict[str, DeploymentSpec], pool: str, config_file: str | None =
         limit = (ConcurrencyLimitConfig(limit=spec.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
                  if spec.concurrency_limit else None)
         deployments.append(retrain.to_deployment(
-            name, description=spec.description, parameters=parameters, tags=spec.tags,
+            name, description=spec.description, parameters=parameters,
+            tags=[*spec.tags, *allowed(spec, config_file).to_tags()],
             schedules=[CronSchedule(cron=schedule, timezone=spec.timezone)] if spec.cron else None,
             concurrency_limit=limit, job_variables={**job_variables, **spec.job_variables},
             entrypoint_type=EntrypointType.MODULE_PATH))

@@ -14,12 +14,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sftflow.configs.schema import ADAPTER_METHODS
+from sftflow.errors import UserError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PREVIOUS = "sftflow.previous_champion"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     pass
 
 

@@ -22,6 +22,7 @@ import httpx
 import psutil
 
 from sftflow import env
+from sftflow.errors import UserError
 
 HOST = "127.0.0.1"
 POOL = "sftflow"
@@ -29,7 +30,7 @@ POOL = "sftflow"
 SERVICES = ("prefect", "mlflow", "worker")
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """A server that could not be started or reached; the message points at its log."""
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sftflow.errors import UserError
 from sftflow.ops import browser, compare, links
 
 
-class ShotError(RuntimeError):
+class ShotError(UserError, RuntimeError):
     pass
 
 

@@ -3,8 +3,8 @@
 N-grams shared by more than `boilerplate_df` texts (task instructions, prompt stems) are template text,
 not a leak: they are cut out of each item first. What is left of an item counts by its n-grams of
 `ngram` words; a remainder shorter than that must appear whole, and one shorter than `min_words` is
-too generic to be evidence and is skipped (counted). Items come from the same local mirrors the eval
-stage reads.
+too generic to be evidence and is skipped (counted). Items come from the same originals the eval
+stage reads, under eval.benchmark_root (never data.root, which holds training data).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sftflow.configs.schema import DecontamConfig, EvalConfig
+from sftflow.errors import UserError
 from sftflow.tasks.data.dedup.minhash import words
-from sftflow.tasks.evaluation.benchmarks import BENCHMARKS
+from sftflow.tasks.evaluation.mirrors import BENCHMARKS, check
 
 # What text of a benchmark row a model would see: MMLU question and choices, BBH input.
 ITEM_TEXTS: dict[str, Callable[[dict], list[str]]] = {
@@ -29,23 +30,39 @@ def targets(eval_cfg: EvalConfig) -> dict[str, list[str] | str]:
     return {name: getattr(eval_cfg, name).subtasks for name in ITEM_TEXTS if getattr(eval_cfg, name).enabled}
 
 
-def benchmark_items(bench_targets: dict, data_root: Path) -> list[tuple[str, list[str]]]:
+class DecontamError(UserError):
+    """Decontamination is on against benchmarks but found nothing to check against."""
+
+
+def benchmark_items(bench_targets: dict, benchmark_root: Path) -> list[tuple[str, list[str]]]:
     """(ref, texts) per item of every evaluated split (test and the few-shot sources)."""
+    check(benchmark_root, bench_targets)
     items = []
     for name, subs in bench_targets.items():
         bench = BENCHMARKS[name]
-        src = data_root / bench.folder
-        for sub in bench.subtasks(src) if subs == "all" else subs:
+        src = benchmark_root / bench.folder
+        for sub in bench.subtasks(subs):
             for split in ("test", *bench.extra_splits):
                 for i, row in enumerate(bench.rows(src, sub, split)):
                     items.append((f"{name}/{sub}/{split}/{i}", ITEM_TEXTS[name](row)))
     return items
 
 
-def benchmark_files(bench_targets: dict, data_root: Path) -> list[Path]:
-    """The mirror files decontamination reads (for cache keys)."""
-    return sorted(p for name in bench_targets for p in (data_root / BENCHMARKS[name].folder).rglob("*")
-                  if p.is_file() and p.suffix in (".csv", ".json"))
+def benchmark_index(bench_targets: dict, benchmark_root: Path, cfg: DecontamConfig) -> "NgramIndex":
+    """The n-gram index of the evaluated benchmarks; an index of nothing is an error, not a clean result."""
+    index = NgramIndex(benchmark_items(bench_targets, benchmark_root), cfg)
+    if not index.ref:
+        raise DecontamError(f"decontamination against {', '.join(sorted(bench_targets))} indexed 0 benchmark "
+                            f"items from eval.benchmark_root = {benchmark_root}: it would remove nothing. Point "
+                            "eval.benchmark_root at the MMLU/BBH originals, or set split.decontam.enabled=false.")
+    return index
+
+
+def benchmark_files(bench_targets: dict, benchmark_root: Path) -> list[Path]:
+    """The benchmark files decontamination reads (for cache keys)."""
+    check(benchmark_root, bench_targets)
+    return sorted({f for name, subs in bench_targets.items() for sub in BENCHMARKS[name].subtasks(subs)
+                   for f in BENCHMARKS[name].files(benchmark_root, sub)})
 
 
 def _grams(ws: list[str], n: int) -> Iterable[str]:

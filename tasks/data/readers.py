@@ -15,12 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sftflow.errors import UserError
+
 DEFAULT_MAX_BYTES = 4_000_000
 _BOM = b"\xef\xbb\xbf"
 _EXCERPT = 300  # characters of a bad line kept for the rejects file
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input that cannot be read at all (missing files, a broken JSON array); names the file and line."""
 
 

@@ -23,6 +23,7 @@ from sftflow.records import read_jsonl, reject, write_jsonl
 from sftflow.stagecache import cached
 from sftflow.tasks.data import decontam
 from sftflow.tasks.data.ledger import account, dominant_lines, markdown
+from sftflow.tasks.data.load import DataError
 from sftflow.tracking import stage_task
 
 SPLITS = ("train", "val", "test")
@@ -96,12 +97,14 @@ def manifest(rows: list[dict]) -> dict:
     return {"count": len(rows), "sha256": hashlib.sha256(blob).hexdigest(), "ids": [r["id"] for r in rows]}
 
 
-def decontaminate(parts: dict[str, list[dict]], cfg: SplitConfig, bench_targets: dict, data_root: Path | None):
+def decontaminate(parts: dict[str, list[dict]], cfg: SplitConfig, bench_targets: dict, benchmark_root: Path | None):
     """Remove records overlapping benchmark items (any split) and train records overlapping the test split."""
     hits: dict[str, dict] = {}
     report = {"benchmarks": sorted(bench_targets), "benchmark_items": 0, "short_items_skipped": 0}
-    if cfg.decontam.enabled and bench_targets and data_root is not None:
-        index = decontam.NgramIndex(decontam.benchmark_items(bench_targets, data_root), cfg.decontam)
+    if cfg.decontam.enabled and bench_targets:
+        if benchmark_root is None:
+            raise ValueError("decontamination against benchmarks needs their folder (eval.benchmark_root)")
+        index = decontam.benchmark_index(bench_targets, benchmark_root, cfg.decontam)
         report.update(benchmark_items=len({*index.ref.values()}), short_items_skipped=index.skipped)
         everything = [r for s in SPLITS for r in parts[s]]
         hits.update({k: {**v, "against": "benchmark"} for k, v in decontam.contaminated(everything, index).items()})
@@ -137,13 +140,13 @@ def log_datasets(paths: dict[str, Path]) -> None:
 
 
 def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, bench_targets: dict,
-           data_root: Path | None) -> dict:
+           benchmark_root: Path | None) -> dict:
     records = list(read_jsonl(Path(records_path)))
-    parts, rejects, contam = decontaminate(assign(records, cfg), cfg, bench_targets, data_root)
+    parts, rejects, contam = decontaminate(assign(records, cfg), cfg, bench_targets, benchmark_root)
     dominant = dominant_lines(upstream, rejects)
     if not parts["train"]:
-        raise ValueError(f"the train split is empty ({len(records)} records after curation): add data"
-                         + "".join(f"; {line}" for line in dominant))
+        raise DataError(f"the train split is empty ({len(records)} records after curation): add data"
+                        + "".join(f"; {line}" for line in dominant))
     paths, manifests = {}, {}
     for name in SPLITS:
         paths[name] = str(out_dir / f"{name}.jsonl")
@@ -165,11 +168,12 @@ def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, b
 
 
 def split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict | None = None,
-          benchmarks: dict | None = None, data_root: str | None = None) -> dict:
+          benchmarks: dict | None = None, benchmark_root: str | None = None) -> dict:
     """Split curate's records; `upstream` = {"load": ..., "curate": ...} counts for the ledger and report;
-    `benchmarks` = {name: subtasks} to decontaminate against (see decontam.targets), read under `data_root`."""
+    `benchmarks` = {name: subtasks} to decontaminate against (see decontam.targets), read under
+    `benchmark_root` (eval.benchmark_root)."""
     upstream, benchmarks = upstream or {}, benchmarks or {}
-    root = Path(data_root) if data_root else None
+    root = Path(benchmark_root) if benchmark_root else None
     files = decontam.benchmark_files(benchmarks, root) if root and cfg.decontam.enabled else []
     key = cache.key("split-v1", Path(records_path), cfg, upstream, benchmarks,
                     [(str(f.relative_to(root)), f) for f in files])

@@ -11,11 +11,10 @@ model is evaluated once across runs; only models that carry a `digest` are cache
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,53 +25,8 @@ from sftflow.charts import plot_deltas
 from sftflow.configs.schema import BenchmarkConfig, EvalConfig
 from sftflow.records import read_jsonl, write_jsonl
 from sftflow.tasks.evaluation.forgetting import forgetting_metrics, forgetting_rows, to_markdown
+from sftflow.tasks.evaluation.mirrors import BENCHMARKS, check, stock_tasks_dir, unknown_subtasks
 from sftflow.tracking import stage_task
-
-
-def stock_tasks_dir() -> Path:
-    import lm_eval
-
-    return Path(lm_eval.__file__).parent / "tasks"
-
-
-def _mmlu_subtasks(src: Path) -> list[str]:
-    return sorted(p.name.removesuffix("_test.csv") for p in (src / "test").glob("*_test.csv"))
-
-
-def _mmlu_rows(src: Path, subject: str, split: str) -> list[dict]:
-    with (src / split / f"{subject}_{split}.csv").open(encoding="utf-8", newline="") as fh:
-        return [{"question": q, "subject": subject, "choices": [a, b, c, d], "answer": "ABCD".index(ans.strip())}
-                for q, a, b, c, d, ans in csv.reader(fh)]
-
-
-def _bbh_subtasks(src: Path) -> list[str]:
-    return sorted(p.stem for p in src.glob("*.json"))
-
-
-def _bbh_rows(src: Path, subtask: str, split: str) -> list[dict]:
-    return json.loads((src / f"{subtask}.json").read_text(encoding="utf-8"))["examples"]
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    folder: str  # under data.root
-    subtasks: Callable[[Path], list[str]]
-    rows: Callable[[Path, str, str], list[dict]]
-    stock_yaml: str  # under lm_eval/tasks, {sub} = subtask
-    extra_splits: tuple[str, ...] = ()  # copied whole (few-shot source), in file order
-    scoring: dict | None = None  # YAML keys added to the stock task; prompts are never touched
-
-
-# Stock bbh_fewshot compares the raw generation, so " True" never matches "True" and most models score
-# 0 (lm-evaluation-harness PR #2502). Score the stripped generation with lm-eval's own filter instead.
-_STRIPPED = {"filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
-                                                          {"function": "take_first"}]}]}
-
-
-BENCHMARKS: dict[str, Benchmark] = {
-    "mmlu": Benchmark("mmlu", _mmlu_subtasks, _mmlu_rows, "mmlu/default/mmlu_{sub}.yaml", ("dev",)),
-    "bbh": Benchmark("bbh", _bbh_subtasks, _bbh_rows, "bbh/fewshot/{sub}.yaml", scoring=_STRIPPED),
-}
 
 
 @dataclass(frozen=True)
@@ -103,17 +57,14 @@ def stock_category(stock_yaml: Path) -> str | None:
     return tag.removesuffix("_tasks") if isinstance(tag, str) else None
 
 
-def build_mirror(name: str, cfg: BenchmarkConfig, data_root: Path, seed: int, out_dir: Path) -> list[EvalTask]:
-    """Write data files and task YAMLs for one benchmark; return its tasks."""
+def build_mirror(name: str, cfg: BenchmarkConfig, benchmark_root: Path, seed: int, out_dir: Path) -> list[EvalTask]:
+    """Write data files and task YAMLs for one benchmark (originals read under eval.benchmark_root)."""
     bench = BENCHMARKS[name]
-    src = data_root / bench.folder
-    if not src.is_dir():
-        raise FileNotFoundError(f"{name}: source folder {src} not found (set data.root to the shared data folder)")
-    available = bench.subtasks(src)
-    chosen = available if cfg.subtasks == "all" else cfg.subtasks
-    unknown = sorted(set(chosen) - set(available))
-    if unknown:
-        raise ValueError(f"eval.{name}.subtasks: unknown {unknown}; available: {', '.join(available)}")
+    if problem := unknown_subtasks(name, cfg.subtasks):
+        raise ValueError(problem)
+    check(benchmark_root, {name: cfg.subtasks})  # checked with the config too; files can vanish since
+    src = benchmark_root / bench.folder
+    chosen = bench.subtasks(cfg.subtasks)
     stock = stock_tasks_dir()
     tasks = []
     for sub in chosen:
@@ -251,9 +202,9 @@ def aggregate(items: list[dict], tag: str) -> dict[str, float]:
     return metrics
 
 
-def sweep_tasks(cfg: EvalConfig, data_root: str, mirror: Path) -> list[EvalTask]:
+def sweep_tasks(cfg: EvalConfig, mirror: Path) -> list[EvalTask]:
     tasks = [t for name in BENCHMARKS if getattr(cfg, name).enabled
-             for t in build_mirror(name, getattr(cfg, name), Path(data_root), cfg.seed, mirror)]
+             for t in build_mirror(name, getattr(cfg, name), Path(cfg.benchmark_root), cfg.seed, mirror)]
     return tasks + stock_tasks(cfg.tasks, cfg.tasks_limit)
 
 
@@ -276,15 +227,14 @@ def sweep_models(model: str, base: str, offline: bool, baseline: bool) -> dict[s
             "model": {**spec, "tokenizer": ref.path}}
 
 
-def benchmarks(models: dict[str, dict], cfg: EvalConfig, data_root: str, out_dir: Path,
-               trust_remote_code: bool = False) -> dict:
+def benchmarks(models: dict[str, dict], cfg: EvalConfig, out_dir: Path, trust_remote_code: bool = False) -> dict:
     """models: {"base": {"path", "digest"?}, "ft": {"path", "adapter"?}, ...}: any number, any names.
 
     Each model is swept over the same items; every model other than "base" is compared with "base"
     (forgetting rows with paired-bootstrap CIs and McNemar tests, a chart, markdown and JSON).
     """
     mirror = out_dir / "tasks"
-    tasks = sweep_tasks(cfg, data_root, mirror)
+    tasks = sweep_tasks(cfg, mirror)
     if not tasks:
         return {"metrics": {}}
     metrics: dict[str, float] = {}

@@ -17,13 +17,14 @@ import shutil
 from pathlib import Path
 
 from sftflow.configs.schema import TrainConfig
+from sftflow.errors import UserError
 
 RUN_INFO = "run_info.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, over quota, over the file size limit
 
 
-class DiskFull(OSError):
+class DiskFull(UserError, OSError):
     """A checkpoint could not be written for lack of space; the previous complete checkpoint is kept."""
 
 

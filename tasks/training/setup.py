@@ -13,10 +13,11 @@ import yaml
 
 from sftflow import precision as prec
 from sftflow.configs.schema import TrainConfig
+from sftflow.errors import UserError
 from sftflow.tasks.training import attention, compat
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(UserError, ValueError):
     """A training setup this machine or model cannot run; raised before the model loads."""
 
 

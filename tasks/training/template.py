@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from sftflow.configs.schema import TemplateConfig
+from sftflow.errors import UserError
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl, reject, write_jsonl
 from sftflow.tracking import stage_task
@@ -33,7 +34,7 @@ from sftflow.tracking import stage_task
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     pass
 
 
