@@ -24,7 +24,7 @@ def demo_tokens(work: Path) -> tuple[dict, "object", str]:
 
     os.chdir(REPO)  # the demo config's data.root and the state dir (.sftflow) are relative to the repository
     env.configure(offline=True)
-    from sftflow.configs.schema import load_config
+    from sftflow.configs.loader import load_config
     from sftflow.models import pull
     from sftflow.tasks.data.curate import curate
     from sftflow.tasks.data.load import load

@@ -78,7 +78,7 @@ def peak_tflops(override: float | None) -> float | None:
 
 def train_once(method: str, paths: dict, model: str, work: Path, args, launcher: dict | None = None) -> dict:
     """One training through the pipeline's own stage function (or its accelerate launcher) -> a result row."""
-    from sftflow.configs.schema import TrainConfig
+    from sftflow.configs.training import TrainConfig
     from sftflow.tasks.training import launch
 
     cfg = TrainConfig(method=method, max_steps=args.steps, batch_size=args.batch_size, logging_steps=args.steps,

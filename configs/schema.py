@@ -1,27 +1,18 @@
-"""The one typed pipeline config. Loaded from YAML, `--set key.path=value` overrides applied,
-validated before any work starts."""
+"""The one typed pipeline config: its sections (training's in training.py) and `PipelineConfig`.
+loader.py reads it from YAML with `--set key.path=value` overrides and validates it before any work starts."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
+from sftflow.configs.base import Positive, Ratio, Section
+from sftflow.configs.training import TrainConfig
 from sftflow.env import SHARED_DATA
-from sftflow.errors import UserError
-from sftflow.redact import MASK, is_secret_key, redact
-
-Ratio = Annotated[float, Field(ge=0.0, lt=0.5)]
-Positive = Annotated[int, Field(gt=0)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
 
 FORMAT_NAMES = Literal["auto", "messages", "sharegpt", "alpaca", "dolly", "prompt_completion", "superni"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -146,105 +137,6 @@ class TemplateConfig(Section):
     audit_samples: Positive = Field(4, description="masked samples rendered into the audit artifact")
 
 
-class LoraSection(Section):
-    r: Positive = 8
-    alpha: Positive = 16
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="None: the per-architecture default in configs/lora_targets.yaml")
-
-
-class FreezeSection(Section):
-    first_layers: int = Field(0, ge=0, description="freeze the embeddings and the first K transformer blocks")
-    patterns: list[str] = Field([], description="also freeze parameters whose name matches one of these regexes")
-
-
-# --- how training is run (issue 4, second half): checkpoints, early stopping, launcher ---
-class CheckpointSection(Section):
-    """Checkpoints are what a killed training resumes from and what the best model is chosen among."""
-
-    every_steps: Positive | None = Field(
-        None, description="checkpoint interval; None: at every validation (eval_steps, else once per epoch)")
-    keep: Positive = Field(2, description="most recent checkpoints kept while training (the best is kept too)")
-
-
-class EarlyStoppingSection(Section):
-    patience: Positive | None = Field(
-        None, description="stop after this many validations without improvement; None: off")
-    min_delta: float = Field(0.0, ge=0.0, description="a validation loss must drop by more than this to count")
-
-
-class LauncherSection(Section):
-    kind: Literal["inprocess", "accelerate"] = Field(
-        "inprocess", description="inprocess: in the flow's process; accelerate: `accelerate launch` workers")
-    num_processes: Positive = Field(1, description="data-parallel processes (accelerate only)")
-    config_file: str | None = Field(None, description="accelerate config YAML, e.g. configs/accelerate/fsdp.yaml")
-
-    @model_validator(mode="after")
-    def _accelerate_options(self) -> "LauncherSection":
-        if self.kind == "inprocess" and (self.num_processes > 1 or self.config_file):
-            raise ValueError("num_processes > 1 and config_file need kind: accelerate")
-        return self
-
-
-ADAPTER_METHODS = ("lora", "qlora")  # saved as a PEFT adapter on the base; the others as a whole model
-
-
-class TrainConfig(Section):
-    # How the trainer is built: method, precision, batching, optimiser and schedule.
-    method: Literal["lora", "qlora", "full", "frozen"] = "lora"
-    lora: LoraSection = LoraSection()
-    freeze: FreezeSection = FreezeSection()
-    merge_adapter: bool = Field(False, description="also save the base model with the adapter merged in")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
-    batching: Literal["padded", "padding_free", "packed"] = Field(
-        "padding_free", description="padding_free: each batch flattened into one row without pad tokens (the "
-                                    "same batches and losses as padded, faster); padded: TRL's default; "
-                                    "packed: records packed best-fit into rows of pack_length tokens")
-    pack_length: Positive = Field(1024, description="tokens per packed row (batching: packed)")
-    learning_rate: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1, description="-1: run `epochs` epochs")
-    batch_size: Positive = 8
-    grad_accum: Positive = 1
-    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    max_grad_norm: float = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
-    kernels: Literal["auto", "liger", "none"] = Field(
-        "auto", description="Liger's fused RMSNorm/RoPE/SwiGLU kernels through TRL (CUDA, `sftflow[gpu]`); auto: "
-                            "on when CUDA and liger-kernel are there. TRL fuses the LM head with the loss itself")
-    logging_steps: Positive = 5
-    eval_steps: Positive | None = Field(None, description="validation-loss interval; None: once per epoch")
-    seed: int = 0
-    # how training is run: checkpoints, early stopping, processes
-    checkpoint: CheckpointSection = CheckpointSection()
-    early_stopping: EarlyStoppingSection = EarlyStoppingSection()
-    launcher: LauncherSection = LauncherSection()
-
-    @model_validator(mode="after")
-    def _checkpoints_align_with_validation(self) -> "TrainConfig":
-        # The best model is chosen among saved checkpoints, so checkpoints must fall on validation steps.
-        every = self.checkpoint.every_steps
-        if every is not None and (self.eval_steps is None or every % self.eval_steps):
-            raise ValueError(f"checkpoint.every_steps ({every}) must be a multiple of eval_steps "
-                             f"({self.eval_steps or 'unset: set it'}), so that every checkpoint has a validation loss")
-        return self
-
-    @model_validator(mode="after")
-    def _freeze_only_when_frozen(self) -> "TrainConfig":
-        wants = bool(self.freeze.first_layers or self.freeze.patterns)
-        if self.method == "frozen" and not wants:
-            raise ValueError("method 'frozen' needs freeze.first_layers > 0 or freeze.patterns")
-        if self.method != "frozen" and wants:
-            raise ValueError(f"freeze.* applies to method 'frozen' only (method is {self.method!r})")
-        if self.merge_adapter and self.method not in ADAPTER_METHODS:
-            raise ValueError("merge_adapter needs method 'lora' or 'qlora'")
-        return self
-
-
 class HeldoutConfig(Section):
     max_new_tokens: Positive = 8
     batch_size: Positive = 16
@@ -314,107 +206,3 @@ class PipelineConfig(Section):
         return hashlib.sha256(blob).hexdigest()
 
 
-class ConfigError(UserError, ValueError):
-    """A config that cannot be used; the message names the file, field, value and what is allowed."""
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
-    node[keys[-1]] = value
-
-
-def _describe(err: dict, origin: str, model: type[BaseModel]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    got = err.get("input")
-    line = f"{origin}: {loc or '<root>'}: {err['msg']}"
-    if err["type"] == "extra_forbidden":
-        # Name the fields that are allowed at that level.
-        target: Any = model
-        for part in err["loc"][:-1]:
-            field = target.model_fields.get(part) if isinstance(target, type) else None
-            target = field.annotation if field else None
-        if isinstance(target, type) and issubclass(target, BaseModel):
-            line += f"; allowed here: {', '.join(target.model_fields)}"
-    elif got is not None and not isinstance(got, dict):
-        line += f" (got {got!r})"
-    return line
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    tree: dict = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected key.path=value")
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else "")
-    return tree
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> PipelineConfig:
-    """YAML file (or `base` dict) + overrides -> validated config with data.root made absolute."""
-    origin = str(path) if path else "config"
-    tree: dict = dict(base or {})
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{where}: not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        tree = _merge(tree, loaded)
-    tree = _merge(tree, parse_overrides(list(overrides)))
-    try:
-        cfg = PipelineConfig.model_validate(tree)
-    except ValidationError as exc:
-        lines = [_describe(e, origin, PipelineConfig) for e in exc.errors()]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
-    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
-    cfg.eval.benchmark_root = str(Path(cfg.eval.benchmark_root).expanduser().resolve())
-    check_benchmarks(cfg, origin)
-    return cfg
-
-
-def check_benchmarks(cfg: PipelineConfig, origin: str = "config") -> None:
-    """Every subtask the eval runs (and decontamination indexes) must exist, with all its files, before any
-    work starts: a run that trained for an hour must not fail at evaluation, nor decontaminate against nothing."""
-    from sftflow.tasks.evaluation.mirrors import BENCHMARKS, missing_files, missing_message, unknown_subtasks
-
-    wanted = {name: getattr(cfg.eval, name).subtasks for name in BENCHMARKS if getattr(cfg.eval, name).enabled}
-    if unknown := [msg for name, subs in wanted.items() if (msg := unknown_subtasks(name, subs))]:
-        raise ConfigError(f"{origin}: " + "\n".join(unknown))
-    if missing := missing_files(Path(cfg.eval.benchmark_root), wanted):
-        raise ConfigError(f"{origin}: " + missing_message(Path(cfg.eval.benchmark_root), missing))
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"train.lora.r": "8", ...} for MLflow params; secrets masked (sftflow.redact)."""
-    if isinstance(tree, BaseModel):
-        tree = tree.model_dump(mode="json")
-    tree = redact(tree)
-    out: dict[str, str] = {}
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    key = prefix.rstrip(".")
-    out[key] = MASK if is_secret_key(key) else json.dumps(tree) if isinstance(tree, list) else str(tree)
-    return out

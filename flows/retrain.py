@@ -14,7 +14,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.states import Completed
 
 from sftflow import cache, env
-from sftflow.configs.schema import PipelineConfig, Source, load_config
+from sftflow.configs.loader import load_config
+from sftflow.configs.schema import PipelineConfig, Source
 from sftflow.ops import fence, links, registry
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -211,7 +211,7 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterat
     import mlflow
     import yaml
 
-    from sftflow.configs.schema import flatten
+    from sftflow.configs.loader import flatten
 
     run_dir = state / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run_name}"
     check_reachable()

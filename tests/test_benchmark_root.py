@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import make_record
 
-from sftflow.configs.schema import BenchmarkConfig, ConfigError, EvalConfig, load_config
+from sftflow.configs.loader import ConfigError, load_config
+from sftflow.configs.schema import BenchmarkConfig, EvalConfig
 from sftflow.records import write_jsonl
 from sftflow.tasks.data.decontam import DecontamError, targets
 from sftflow.tasks.data.split import split

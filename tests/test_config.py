@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.configs.schema import ConfigError, PipelineConfig, flatten, load_config
+from sftflow.configs.loader import ConfigError, flatten, load_config
+from sftflow.configs.schema import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.configs.schema import ConfigError
+from sftflow.configs.loader import ConfigError
 from sftflow.errors import UserError
 from sftflow.models import ModelError
 from sftflow.ops.compare import CompareError

@@ -15,7 +15,8 @@ from conftest import make_record, template_splits
 from safetensors.torch import load_file
 
 from sftflow import cache
-from sftflow.configs.schema import DataConfig, TrainConfig
+from sftflow.configs.schema import DataConfig
+from sftflow.configs.training import TrainConfig
 from sftflow.tasks.data.load import load
 from sftflow.tasks.training.run import run_training, training_key
 from sftflow.tracking import TrackingUnreachable, check_reachable
@@ -110,7 +111,7 @@ import json, sys
 from sftflow import env
 env.configure(offline=True)
 from sftflow.tasks.training.checkpoints import DiskFull
-from sftflow.configs.schema import TrainConfig
+from sftflow.configs.training import TrainConfig
 from sftflow.tasks.training.run import run_training
 tokens, model, cfg, out = json.loads(sys.argv[1])
 try:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sftflow.configs.schema import load_config
+from sftflow.configs.loader import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"load", "curate", "split", "model", "template", "train", "heldout", "benchmarks", "gate", "report"}

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from sftflow.configs.schema import ConfigError, GateConfig, load_config
+from sftflow.configs.loader import ConfigError, load_config
+from sftflow.configs.schema import GateConfig
 from sftflow.tasks.evaluation.gate import gate, verdict
 
 METRICS = {"heldout/delta/label_acc": 0.30, "heldout/delta/label_acc/ci_low": 0.12,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CUDA, cuda_only, make_record, template_splits
 
-from sftflow.configs.schema import TrainConfig
+from sftflow.configs.training import TrainConfig
 from sftflow.records import read_jsonl
 from sftflow.tasks.training import attention
 from sftflow.tasks.training.trainer import build_trainer

@@ -10,7 +10,8 @@ from conftest import make_record
 from test_registry import pipeline_run
 
 from sftflow import env
-from sftflow.configs.schema import Source, load_config
+from sftflow.configs.loader import load_config
+from sftflow.configs.schema import Source
 from sftflow.flows.retrain import fingerprint, resolve_config, retrain
 from sftflow.ops import registry
 

@@ -7,7 +7,7 @@ import torch
 from conftest import cpu_only, cuda_only, make_record, template_splits
 from safetensors.torch import load_file
 
-from sftflow.configs.schema import TrainConfig
+from sftflow.configs.training import TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
 from sftflow.tasks.training import compat

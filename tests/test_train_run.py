@@ -16,7 +16,8 @@ from prefect.states import Failed
 from safetensors.torch import load_file
 
 from sftflow import cache
-from sftflow.configs.schema import ConfigError, TrainConfig, load_config
+from sftflow.configs.loader import ConfigError, load_config
+from sftflow.configs.training import TrainConfig
 from sftflow.tasks.training.checkpoints import last_checkpoint
 from sftflow.tasks.training.launch import RESULT, WorkerDied, accelerate_command
 from sftflow.tasks.training.run import _retry_if_worker_died, run_training, training_key

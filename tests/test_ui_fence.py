@@ -15,7 +15,7 @@ import pytest
 from test_registry import pipeline_run
 
 from sftflow import env
-from sftflow.configs.schema import load_config
+from sftflow.configs.loader import load_config
 from sftflow.flows.retrain import fingerprint, resolve_config, retrain
 from sftflow.ops import registry
 from sftflow.ops.deploy import DeploymentSpec, apply, load_specs
@@ -148,7 +148,7 @@ def test_secrets_reach_no_mlflow_param_tag_or_artifact(deployments, tmp_path, mo
     secret-looking key: none of their values is anywhere in MLflow's database or artifact folder."""
     import mlflow
 
-    from sftflow.configs.schema import load_config
+    from sftflow.configs.loader import load_config
     from sftflow.flows.sft_pipeline import curate_pipeline
 
     token, password, keyed = f"hf_{uuid.uuid4().hex}", f"pw-{uuid.uuid4().hex}", "0.7315942861"
@@ -170,7 +170,7 @@ def test_secrets_reach_no_mlflow_param_tag_or_artifact(deployments, tmp_path, mo
 
 
 def test_redaction_masks_secret_keys_env_values_and_url_passwords_but_not_token_counts(monkeypatch):
-    from sftflow.configs.schema import flatten
+    from sftflow.configs.loader import flatten
     from sftflow.redact import scrub
 
     monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh123")

@@ -60,7 +60,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="overri
 
 
 def _load(config: Path, overrides: list[str] | None):
-    from sftflow.configs.schema import load_config
+    from sftflow.configs.loader import load_config
 
     return load_config(config, overrides or [])
 

@@ -13,7 +13,7 @@ import json
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sftflow.configs.schema import ADAPTER_METHODS
+from sftflow.configs.training import ADAPTER_METHODS
 from sftflow.errors import UserError
 
 CHAMPION, CHALLENGER = "champion", "challenger"

@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from sftflow.configs.schema import TrainConfig
+from sftflow.configs.training import TrainConfig
 from sftflow.errors import UserError
 
 RUN_INFO = "run_info.json"

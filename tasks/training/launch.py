@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sftflow.configs.schema import TrainConfig
+from sftflow.configs.training import TrainConfig
 
 SPEC, RESULT = "launch_spec.json", "result.json"
 

@@ -21,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from sftflow import cache
-from sftflow.configs.schema import TrainConfig
+from sftflow.configs.training import TrainConfig
 from sftflow.models import MANIFEST
 from sftflow.stagecache import load_result, save_result
 from sftflow.tasks.training.checkpoints import RUN_INFO, last_checkpoint, step_of

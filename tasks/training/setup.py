@@ -12,7 +12,7 @@ from importlib import resources
 import yaml
 
 from sftflow import precision as prec
-from sftflow.configs.schema import TrainConfig
+from sftflow.configs.training import TrainConfig
 from sftflow.errors import UserError
 from sftflow.tasks.training import attention, compat
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from sftflow.charts import plot_curves
-from sftflow.configs.schema import ADAPTER_METHODS, TrainConfig
+from sftflow.configs.training import ADAPTER_METHODS, TrainConfig
 from sftflow.tasks.training.checkpoints import run_trainer
 from sftflow.tasks.training.trainer import build_trainer
 

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from sftflow.configs.schema import ADAPTER_METHODS, TrainConfig
+from sftflow.configs.training import ADAPTER_METHODS, TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
 from sftflow.tasks.training import attention, compat
