@@ -5,7 +5,7 @@ from sftflow.configs.schema import DecontamConfig, EvalConfig, Source
 from sftflow.tasks.data.decontam import NgramIndex, benchmark_items, contaminated, targets
 from sftflow.tasks.data.dedup.minhash import words
 from sftflow.tasks.data.load import load_source
-from sftflow.tasks.evaluation.benchmarks import BENCHMARKS
+from sftflow.tasks.evaluation.mirrors import BENCHMARKS
 
 BENCH = {"mmlu": ["anatomy", "virology"], "bbh": ["navigate", "boolean_expressions"]}
 
@@ -63,3 +63,11 @@ def test_targets_follow_the_eval_config():
     cfg = EvalConfig()
     cfg.bbh.enabled = False
     assert targets(cfg) == {"mmlu": "all"}
+
+
+def test_each_registry_entry_names_the_texts_decontamination_indexes(data_root):
+    for name, bench in BENCHMARKS.items():
+        for split in bench.splits:
+            texts = bench.items(data_root, BENCH[name][0], split)
+            assert texts and all(t and all(isinstance(x, str) and x.strip() for x in t) for t in texts), (name, split)
+    assert set(targets(EvalConfig())) == set(BENCHMARKS)  # every registered benchmark is decontaminated against

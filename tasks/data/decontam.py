@@ -10,7 +10,7 @@ stage reads, under eval.benchmark_root (never data.root, which holds training da
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from sftflow.configs.schema import DecontamConfig, EvalConfig
@@ -18,16 +18,10 @@ from sftflow.errors import UserError
 from sftflow.tasks.data.dedup.minhash import words
 from sftflow.tasks.evaluation.mirrors import BENCHMARKS, check
 
-# What text of a benchmark row a model would see: MMLU question and choices, BBH input.
-ITEM_TEXTS: dict[str, Callable[[dict], list[str]]] = {
-    "mmlu": lambda row: [row["question"], " ".join(row["choices"])],
-    "bbh": lambda row: [row["input"]],
-}
-
 
 def targets(eval_cfg: EvalConfig) -> dict[str, list[str] | str]:
     """The benchmarks (and subtasks) this run evaluates on."""
-    return {name: getattr(eval_cfg, name).subtasks for name in ITEM_TEXTS if getattr(eval_cfg, name).enabled}
+    return {name: getattr(eval_cfg, name).subtasks for name in BENCHMARKS if getattr(eval_cfg, name).enabled}
 
 
 class DecontamError(UserError):
@@ -37,15 +31,10 @@ class DecontamError(UserError):
 def benchmark_items(bench_targets: dict, benchmark_root: Path) -> list[tuple[str, list[str]]]:
     """(ref, texts) per item of every evaluated split (test and the few-shot sources)."""
     check(benchmark_root, bench_targets)
-    items = []
-    for name, subs in bench_targets.items():
-        bench = BENCHMARKS[name]
-        src = benchmark_root / bench.folder
-        for sub in bench.subtasks(subs):
-            for split in ("test", *bench.extra_splits):
-                for i, row in enumerate(bench.rows(src, sub, split)):
-                    items.append((f"{name}/{sub}/{split}/{i}", ITEM_TEXTS[name](row)))
-    return items
+    return [(f"{name}/{sub}/{split}/{i}", texts)
+            for name, subs in bench_targets.items() for sub in BENCHMARKS[name].subtasks(subs)
+            for split in BENCHMARKS[name].splits
+            for i, texts in enumerate(BENCHMARKS[name].items(benchmark_root, sub, split))]
 
 
 def benchmark_index(bench_targets: dict, benchmark_root: Path, cfg: DecontamConfig) -> "NgramIndex":

@@ -1,7 +1,9 @@
-"""The MMLU/BBH originals under eval.benchmark_root: which files each subtask needs and how rows are read.
+"""The benchmark registry: one entry per benchmark holds everything about it. Where its originals live under
+eval.benchmark_root and which files each subtask needs, how its rows are read (the mirror's data), which stock
+lm-eval YAML its mirror includes and what scoring it adds, and which text of a row decontamination indexes.
 
 Light on purpose (no lm-eval, Prefect or torch import): the config check runs it before any work starts,
-and both the eval mirrors (benchmarks.py) and decontamination (decontam.py) read through it, so they can
+and both the eval mirrors (mirror.py) and decontamination (decontam.py) read through it, so they can
 never look in different places. "all" means every subtask lm-eval ships a stock YAML for: a generated
 mirror task includes that YAML, so it is the set the eval can run.
 """
@@ -48,11 +50,21 @@ def _bbh_rows(src: Path, subtask: str, split: str) -> list[dict]:
     return json.loads(_bbh_file(src, subtask, split).read_text(encoding="utf-8"))["examples"]
 
 
+# What text of a row a model would see, so what a training record could have copied.
+def _mmlu_texts(row: dict) -> list[str]:
+    return [row["question"], " ".join(row["choices"])]
+
+
+def _bbh_texts(row: dict) -> list[str]:
+    return [row["input"]]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     folder: str  # under eval.benchmark_root
     file: Callable[[Path, str, str], Path]  # (folder, subtask, split) -> the original file
-    rows: Callable[[Path, str, str], list[dict]]
+    rows: Callable[[Path, str, str], list[dict]]  # (folder, subtask, split) -> the mirror's rows, in file order
+    item_texts: Callable[[dict], list[str]]  # row -> the texts decontamination indexes
     stock_yaml: str  # under lm_eval/tasks, {sub} = subtask
     layout: str  # what a user must provide, for messages
     extra_splits: tuple[str, ...] = ()  # copied whole (few-shot source), in file order
@@ -68,8 +80,17 @@ class Benchmark:
     def subtasks(self, chosen: list[str] | str) -> list[str]:
         return self.stock_subtasks() if chosen == "all" else list(chosen)
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Every split the eval reads: the scored test split and the few-shot sources."""
+        return ("test", *self.extra_splits)
+
     def files(self, root: Path, subtask: str) -> list[Path]:
-        return [self.file(root / self.folder, subtask, split) for split in ("test", *self.extra_splits)]
+        return [self.file(root / self.folder, subtask, split) for split in self.splits]
+
+    def items(self, root: Path, subtask: str, split: str) -> list[list[str]]:
+        """The decontamination texts of every row of one split, in file order."""
+        return [self.item_texts(row) for row in self.rows(root / self.folder, subtask, split)]
 
 
 # Stock bbh_fewshot compares the raw generation, so " True" never matches "True" and most models score
@@ -78,11 +99,13 @@ _STRIPPED = {"filter_list": [{"name": "strip", "filter": [{"function": "remove_w
                                                           {"function": "take_first"}]}]}
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "mmlu": Benchmark("mmlu", _mmlu_file, _mmlu_rows, "mmlu/default/mmlu_{sub}.yaml",
-                      "mmlu/test/<subject>_test.csv and mmlu/dev/<subject>_dev.csv (the original MMLU CSVs)",
-                      ("dev",)),
-    "bbh": Benchmark("bbh", _bbh_file, _bbh_rows, "bbh/fewshot/{sub}.yaml",
-                     "bbh/<subtask>.json (the original BBH JSON)", scoring=_STRIPPED),
+    "mmlu": Benchmark(folder="mmlu", file=_mmlu_file, rows=_mmlu_rows, item_texts=_mmlu_texts,
+                      stock_yaml="mmlu/default/mmlu_{sub}.yaml",
+                      layout="mmlu/test/<subject>_test.csv and mmlu/dev/<subject>_dev.csv (the original MMLU CSVs)",
+                      extra_splits=("dev",)),
+    "bbh": Benchmark(folder="bbh", file=_bbh_file, rows=_bbh_rows, item_texts=_bbh_texts,
+                     stock_yaml="bbh/fewshot/{sub}.yaml", layout="bbh/<subtask>.json (the original BBH JSON)",
+                     scoring=_STRIPPED),
 }
 
 
