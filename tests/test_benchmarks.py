@@ -6,7 +6,9 @@ import yaml
 
 from sftflow.configs.schema import BenchmarkConfig, EvalConfig
 from sftflow.records import read_jsonl
-from sftflow.tasks.evaluation.benchmarks import benchmarks, build_mirror, stock_tasks_dir
+from sftflow.tasks.evaluation.benchmarks import benchmarks
+from sftflow.tasks.evaluation.mirror import build_mirror
+from sftflow.tasks.evaluation.mirrors import stock_tasks_dir
 
 
 def test_mmlu_mirror_converts_csv_and_includes_the_stock_yaml(tmp_path, data_root):
@@ -79,7 +81,7 @@ def test_real_lm_eval_sweep_on_tiny_model(tmp_path, data_root, tiny_model):
 
 def test_base_results_are_cached_across_runs(tmp_path, data_root, tiny_model, monkeypatch):
     from sftflow.models import resolve
-    from sftflow.tasks.evaluation import benchmarks as stage
+    from sftflow.tasks.evaluation import lmeval as stage
 
     base = resolve(tiny_model, offline=True)
     models = {"base": {"path": base.path, "digest": base.digest}}

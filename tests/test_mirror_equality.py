@@ -10,7 +10,7 @@ import pytest
 
 from sftflow.configs.schema import BenchmarkConfig
 from sftflow.records import read_jsonl
-from sftflow.tasks.evaluation.benchmarks import build_mirror
+from sftflow.tasks.evaluation.mirror import build_mirror
 
 CASES = [  # benchmark, subtask, stock task, hub dataset, shots, splits the stock task reads
     ("mmlu", "anatomy", "mmlu_anatomy", ("cais/mmlu", "anatomy"), 5, ("test", "dev")),

@@ -1,0 +1,113 @@
+"""Running lm-eval for one model, with a per-model, per-task result cache.
+
+Results are cached per (model digest, task fingerprint, eval settings, lm-eval version), so the base
+model is evaluated once across runs; only models that carry a `digest` are cached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from sftflow import cache
+from sftflow.configs.schema import EvalConfig
+from sftflow.records import read_jsonl, write_jsonl
+from sftflow.tasks.evaluation.mirror import EvalTask
+
+
+def per_item(result: dict, task: EvalTask) -> Iterator[dict]:
+    """lm-eval's logged samples -> one row per item: benchmark, subtask, doc_id, score (first filter) and
+    the exact prompt the model was sent. A stock name (task, group or tag) runs alone, so every leaf
+    task in its result belongs to it."""
+    leaves = [task.name] if task.name in result["samples"] else sorted(result["samples"])
+    for leaf in leaves:
+        metric = result["configs"][leaf]["metric_list"][0]["metric"]
+        samples = result["samples"][leaf]
+        first_filter = samples[0]["filter"] if samples else None
+        for s in samples:
+            if s["filter"] == first_filter:
+                yield {"benchmark": task.benchmark, "task": task.subtask if leaf == task.name else leaf,
+                       "category": task.category, "doc_id": s["doc_id"], "metric": metric,
+                       "score": float(s[metric]), "prompt": s["arguments"][0][0]}
+
+
+def precision() -> str:
+    """As training and held-out generation: bf16 where a GPU supports it, float32 otherwise."""
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def run_lm_eval(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig, trust_remote_code: bool) -> dict:
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    model_args = {"pretrained": model["path"], "dtype": precision(), "trust_remote_code": trust_remote_code}
+    if model.get("adapter"):
+        model_args["peft"] = model["adapter"]
+    if model.get("tokenizer"):
+        model_args["tokenizer"] = model["tokenizer"]
+    stock = any(t.stock for t in tasks)  # indexing lm-eval's own tasks costs seconds
+    return simple_evaluate(
+        model="hf", model_args=model_args, tasks=[t.name for t in tasks], batch_size=cfg.batch_size,
+        device="cuda" if torch.cuda.is_available() else "cpu", log_samples=True, bootstrap_iters=0,
+        limit=cfg.tasks_limit if stock else None, apply_chat_template=cfg.apply_chat_template,
+        task_manager=TaskManager(include_path=str(include), include_defaults=stock),
+        random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed)
+
+
+def _tokenizer_digest(path: str) -> str:
+    """Tokenizer files only (the chat template lives there); a hub id stands for itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{path}"
+    files = sorted(p for p in folder.iterdir() if p.is_file() and
+                   (p.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges"))))
+    return cache.key(files)
+
+
+ITEMS_FORMAT = 1  # bump when the per-item rows change shape, so older cache entries are not read
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def result_key(model: dict, task: EvalTask, cfg: EvalConfig) -> str | None:
+    """Cache key of one model's items on one task, or None when the model has no content digest (a hub id
+    names a model whose files can change under it, so it is never cached)."""
+    if not model.get("digest") or model["digest"].startswith("hub:"):
+        return None
+    return cache.key("lm-eval", ITEMS_FORMAT, lm_eval_version(), model["digest"],
+                     _tokenizer_digest(model.get("tokenizer") or model["path"]), task.fingerprint,
+                     {"chat": cfg.apply_chat_template, "seed": cfg.seed, "tasks_limit": cfg.tasks_limit,
+                      "dtype": precision()})
+
+
+def evaluate_model(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig,
+                   trust_remote_code: bool) -> tuple[list[dict], dict]:
+    """Items of one model on every task: cached tasks are read back, the rest run in one lm-eval call."""
+    keys = {t.name: result_key(model, t, cfg) for t in tasks}
+    hits = {name: cache.lookup("benchmarks", k) for name, k in keys.items() if k}
+    todo = [t for t in tasks if hits.get(t.name) is None]
+    items: dict[str, list[dict]] = {name: list(read_jsonl(path / "items.jsonl"))
+                                    for name, path in hits.items() if path is not None}
+    info = {"cached_tasks": len(tasks) - len(todo), "evaluated_tasks": len(todo), "wall_s": 0.0}
+    # Mirrors run together; each stock name alone, so its leaf tasks can be told apart from the others'.
+    mirrors = [t for t in todo if not t.stock]
+    batches = ([mirrors] if mirrors else []) + [[t] for t in todo if t.stock]
+    start = time.perf_counter()
+    for batch in batches:
+        result = run_lm_eval(model, batch, include, cfg, trust_remote_code)
+        for task in batch:
+            items[task.name] = list(per_item(result, task))
+            if keys[task.name]:
+                with cache.fill("benchmarks", keys[task.name]) as entry:
+                    write_jsonl(entry / "items.jsonl", items[task.name])
+    info["wall_s"] = time.perf_counter() - start if batches else 0.0
+    return [it for t in tasks for it in items[t.name]], info
