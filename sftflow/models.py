@@ -22,6 +22,7 @@ import yaml
 from sftflow.cache import file_digest
 from sftflow.env import state_dir
 from sftflow.errors import UserError
+from sftflow.precision import inference_dtype
 
 MANIFEST = "sftflow-model.json"
 
@@ -159,13 +160,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_causal_lm(path: str, trust_remote_code: bool = False, adapter: str | None = None):
-    """Float32 on CPU (bf16 where a GPU supports it); safetensors only."""
+    """In precision.inference_dtype() (float32 on CPU, bf16 where a GPU supports it); safetensors only."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        path, dtype=inference_dtype(), use_safetensors=True, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
 

@@ -14,8 +14,16 @@ def training(setting: str = "auto") -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def inference_dtype():
-    """Weights for evaluation and generation: bf16 on a GPU that has it, else fp32 (fp16 can overflow)."""
+def inference() -> str:
+    """Weights for evaluation and generation, as torch names them: 'bfloat16' on a GPU that has it, else
+    'float32' (fp16 can overflow). The name is what lm-eval's model_args and the result cache's key take."""
     import torch
 
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def inference_dtype():
+    """inference() as a torch dtype, for loading weights with transformers."""
+    import torch
+
+    return getattr(torch, inference())

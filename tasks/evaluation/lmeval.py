@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sftflow import cache
+from sftflow import cache, precision
 from sftflow.configs.schema import EvalConfig
 from sftflow.records import read_jsonl, write_jsonl
 from sftflow.tasks.evaluation.mirror import EvalTask
@@ -32,19 +32,12 @@ def per_item(result: dict, task: EvalTask) -> Iterator[dict]:
                        "score": float(s[metric]), "prompt": s["arguments"][0][0]}
 
 
-def precision() -> str:
-    """As training and held-out generation: bf16 where a GPU supports it, float32 otherwise."""
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-
-
 def run_lm_eval(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig, trust_remote_code: bool) -> dict:
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    model_args = {"pretrained": model["path"], "dtype": precision(), "trust_remote_code": trust_remote_code}
+    model_args = {"pretrained": model["path"], "dtype": precision.inference(), "trust_remote_code": trust_remote_code}
     if model.get("adapter"):
         model_args["peft"] = model["adapter"]
     if model.get("tokenizer"):
@@ -86,7 +79,7 @@ def result_key(model: dict, task: EvalTask, cfg: EvalConfig) -> str | None:
     return cache.key("lm-eval", ITEMS_FORMAT, lm_eval_version(), model["digest"],
                      _tokenizer_digest(model.get("tokenizer") or model["path"]), task.fingerprint,
                      {"chat": cfg.apply_chat_template, "seed": cfg.seed, "tasks_limit": cfg.tasks_limit,
-                      "dtype": precision()})
+                      "dtype": precision.inference()})
 
 
 def evaluate_model(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig,
