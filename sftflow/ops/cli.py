@@ -14,6 +14,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from sftflow import errors
+from sftflow import metrics as names
 
 # Logs and CI have no terminal: rich would fold tables to 80 columns and cut the CIs.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -151,9 +152,9 @@ def eval_(config: ConfigArg,
                            trust_remote_code=cfg.model.trust_remote_code)
     print_sweep(result, list(models), f"sftflow eval {model}")
     console.print(f"run dir {ctx.run_dir}; MLflow run {ctx.parent_run_id}; "
-                  "lm-eval wall time " + ", ".join(f"{t} {result['metrics'][f'eval/{t}/wall_s']:.0f} s "
-                                                   f"({result['metrics'][f'eval/{t}/cached_tasks']:.0f} tasks cached)"
-                                                   for t in models))
+                  "lm-eval wall time " + ", ".join(
+                      f"{t} {result['metrics'][names.eval_work(t, 'wall_s')]:.0f} s "
+                      f"({result['metrics'][names.eval_work(t, 'cached_tasks')]:.0f} tasks cached)" for t in models))
 
 
 def print_sweep(result: dict, tags: list[str], title: str) -> None:
@@ -163,13 +164,13 @@ def print_sweep(result: dict, tags: list[str], title: str) -> None:
     for col in ("measure", *tags, *(("delta", "95% CI", "p", "") if compared else ())):
         table.add_column(col, justify="left" if col in ("measure", "") else "right")
     for name in sorted(result["metrics"]):
-        parts = name.split("/")  # eval/model/<benchmark or category>/<metric>
-        if parts[:2] != ["eval", "model"] or len(parts) != 4 or parts[3] in ("n", "wall_s"):
+        score = names.parse_eval(name)  # the swept model's benchmark and category scores
+        if score is None or score.tag != "model" or score.subtask or score.count:
             continue
-        measure = "/".join(parts[2:])
-        row = [measure] + [f"{result['metrics'][f'eval/{t}/{measure}']:.3f}" for t in tags]
-        if parts[2] in compared:
-            fg = compared[parts[2]]
+        row = [f"{score.scope}/{score.metric}"]
+        row += [f"{result['metrics'][names.eval_score(t, score.scope, score.metric)]:.3f}" for t in tags]
+        if score.scope in compared:
+            fg = compared[score.scope]
             row += [f"{fg['delta']:+.3f}", f"[{fg['ci_low']:+.3f},{fg['ci_high']:+.3f}]", f"{fg['p_value']:.3g}",
                     "significant drop" if fg["significant_drop"] else ""]
         table.add_row(*row)

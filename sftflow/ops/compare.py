@@ -16,10 +16,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from sftflow import metrics as names
 from sftflow.errors import UserError
-
-# Rows of the comparison after the config differences: (label, metric name prefix/suffix match).
-GAIN, FORGET = "heldout/delta/", "forgetting/"
 
 
 @dataclass
@@ -98,9 +96,10 @@ def table(runs: list[RunView]) -> tuple[list[str], list[tuple[str, list]]]:
     """(column headers, rows): each row is (label, one value per run)."""
     metric_names = sorted({k for r in runs for k in r.metrics})
     rows: list[tuple[str, list]] = [(f"config {k}", v) for k, v in config_differences(runs).items()]
-    rows += [(f"gain {k[len(GAIN):]}", [r.metrics.get(k) for r in runs]) for k in metric_names if k.startswith(GAIN)]
-    rows += [(f"forgetting {k.split('/')[1]}", [r.metrics.get(k) for r in runs])
-             for k in metric_names if k.startswith(FORGET) and k.endswith("/delta")]
+    gains = {k: g for k in metric_names if (g := names.parse_heldout_delta(k))}
+    rows += [(f"gain {g.label}", [r.metrics.get(k) for r in runs]) for k, g in gains.items()]
+    drops = {k: f for k in metric_names if (f := names.parse_forgetting(k)) and f.stat == "delta"}
+    rows += [(f"forgetting {f.label}", [r.metrics.get(k) for r in runs]) for k, f in drops.items()]
     rows += [(k, [r.metrics.get(k) for r in runs]) for k in ("train/final_loss", "train/val_loss",
                                                                "train/trainable_params")]
     rows.append(("wall time (s)", [r.wall_s for r in runs]))

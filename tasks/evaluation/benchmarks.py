@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sftflow import metrics as names
 from sftflow.charts import plot_deltas
 from sftflow.configs.schema import EvalConfig
 from sftflow.records import write_jsonl
@@ -23,14 +24,12 @@ def aggregate(items: list[dict], tag: str) -> dict[str, float]:
     """Micro-averages (as lm-eval's weight_by_size groups) per benchmark, per category and per subtask."""
     groups: dict[str, list[float]] = {}
     for it in items:
-        metric = it["metric"]
-        groups.setdefault(f"{it['benchmark']}/{metric}", []).append(it["score"])
-        groups.setdefault(f"{it['benchmark']}/{it['task']}/{metric}", []).append(it["score"])
-        if it.get("category"):
-            groups.setdefault(f"{it['category']}/{metric}", []).append(it["score"])
-    metrics = {f"eval/{tag}/{k}": sum(v) / len(v) for k, v in groups.items()}
+        scopes = [it["benchmark"], f"{it['benchmark']}/{it['task']}"] + ([it["category"]] if it.get("category") else [])
+        for scope in scopes:
+            groups.setdefault(names.eval_score(tag, scope, it["metric"]), []).append(it["score"])
+    metrics = {k: sum(v) / len(v) for k, v in groups.items()}
     for bench in {it["benchmark"] for it in items}:
-        metrics[f"eval/{tag}/{bench}/n"] = sum(it["benchmark"] == bench for it in items)
+        metrics[names.eval_count(tag, bench)] = sum(it["benchmark"] == bench for it in items)
     return metrics
 
 
@@ -67,7 +66,7 @@ def benchmarks(models: dict[str, dict], cfg: EvalConfig, out_dir: Path, trust_re
     items: dict[str, list[dict]] = {}
     for tag, spec in models.items():
         items[tag], info = evaluate_model(spec, tasks, mirror, cfg, trust_remote_code)
-        metrics.update({f"eval/{tag}/{k}": v for k, v in info.items()})
+        metrics.update({names.eval_work(tag, k): v for k, v in info.items()})
         write_jsonl(out_dir / f"items_{tag}.jsonl", items[tag])
         metrics.update(aggregate(items[tag], tag))
     artifacts = [mirror, *(out_dir / f"items_{t}.jsonl" for t in items)]

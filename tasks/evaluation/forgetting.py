@@ -8,12 +8,8 @@ benchmark first, since dozens of subtasks are tested at once.
 
 from __future__ import annotations
 
+from sftflow import metrics as names
 from sftflow import stats
-
-
-def delta_prefix(kind: str, tag: str) -> str:
-    """Metric prefix of a comparison with the base: `forgetting/...` for "ft", `forgetting/<tag>/...` else."""
-    return kind if tag == "ft" else f"{kind}/{tag}"
 
 
 def _p(row: dict) -> float:
@@ -56,15 +52,14 @@ def forgetting_rows(base_items: list[dict], ft_items: list[dict], iters: int = 2
 
 def forgetting_metrics(rows: list[dict], tag: str) -> dict[str, float]:
     """Benchmarks and categories get the full set; subtasks only their delta (the rest is in the JSON)."""
-    prefix = delta_prefix("forgetting", tag)
     out: dict[str, float] = {}
     for r in rows:
         if r["scope"] == "subtask":
-            out[f"{prefix}/{r['name']}/delta"] = r["delta"]
+            out[names.forgetting(r["name"], "delta", tag)] = r["delta"]
             continue
-        for field in ("delta", "ci_low", "ci_high", "p_value"):
-            out[f"{prefix}/{r['name']}/{field}"] = r[field]
-        out[f"{prefix}/{r['name']}/significant_drop"] = float(r["significant_drop"])
+        for field in ("delta", *names.DELTA_STATS):
+            out[names.forgetting(r["name"], field, tag)] = r[field]
+        out[names.forgetting(r["name"], "significant_drop", tag)] = float(r["significant_drop"])
     return out
 
 

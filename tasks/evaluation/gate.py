@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sftflow import metrics as names
 from sftflow.configs.schema import GateConfig
-from sftflow.tasks.evaluation.forgetting import delta_prefix
 from sftflow.tracking import stage_task
 
 
@@ -36,13 +36,11 @@ def verdict(metrics: dict, cfg: GateConfig) -> dict:
     `max_forgetting`, fine-tuned minus base is at least `-max_drop`. A requirement that was not measured
     fails: a verdict never rests on a benchmark that was switched off.
     """
-    gain = f"{delta_prefix('heldout/delta', cfg.model)}/{cfg.target}"
-    checks = [_check("gain", metrics, (gain, f"{gain}/ci_low"), cfg.bound, cfg.min_gain,
-                     f"held-out {cfg.target} gain")]
+    gain = (names.heldout_delta(cfg.target, model=cfg.model), names.heldout_delta(cfg.target, "ci_low", cfg.model))
+    checks = [_check("gain", metrics, gain, cfg.bound, cfg.min_gain, f"held-out {cfg.target} gain")]
     for bench, max_drop in cfg.max_forgetting.items():
-        prefix = f"{delta_prefix('forgetting', cfg.model)}/{bench}"
-        checks.append(_check(f"forgetting:{bench}", metrics, (f"{prefix}/delta", f"{prefix}/ci_low"), cfg.bound,
-                             -max_drop, f"{bench} forgetting"))
+        drop = (names.forgetting(bench, "delta", cfg.model), names.forgetting(bench, "ci_low", cfg.model))
+        checks.append(_check(f"forgetting:{bench}", metrics, drop, cfg.bound, -max_drop, f"{bench} forgetting"))
     return {"passed": all(c["passed"] for c in checks), "reasons": [c["reason"] for c in checks],
             "checks": checks, "model": cfg.model, "bound": cfg.bound}
 
@@ -65,7 +63,7 @@ def gate(metric_sets: list[dict], cfg: GateConfig, out_dir: Path) -> dict:
     result = verdict({k: v for m in metric_sets for k, v in m.items()}, cfg)
     (out_dir / "gate.json").write_text(json.dumps(result, indent=2))
     _tag_runs(result["passed"])
-    return {**result, "metrics": {"gate/passed": float(result["passed"])},
+    return {**result, "metrics": {names.GATE_PASSED: float(result["passed"])},
             "params": {"gate.verdict": "passed" if result["passed"] else "failed",
                        "gate.reasons": " | ".join(result["reasons"])},
             "artifacts": [out_dir / "gate.json"]}

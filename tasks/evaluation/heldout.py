@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sftflow import metrics as names
 from sftflow import stats
 from sftflow.configs.schema import HeldoutConfig
 from sftflow.models import load_causal_lm, load_tokenizer
 from sftflow.records import prompt_messages, read_jsonl, reference, write_jsonl
-from sftflow.tasks.evaluation.forgetting import delta_prefix
 from sftflow.tasks.training.template import render, with_system
 from sftflow.tracking import stage_task
 
@@ -96,34 +96,34 @@ def heldout(test_path: str, models: dict[str, dict], cfg: HeldoutConfig, out_dir
     refs = [reference(r) for r in records]
     labelled = all(r.get("label") is not None for r in records)
     prompts = [with_system(prompt_messages(r), system_prompt) for r in records]
-    metrics, preds, per_record, labels, confusion = {"heldout/records": len(records)}, {}, {}, {}, {}
+    metrics, preds, per_record, labels, confusion = {names.HELDOUT_RECORDS: len(records)}, {}, {}, {}, {}
     for tag, spec in models.items():
         # One chat template for every model (the training one, when given), so prompts are identical.
         tok = load_tokenizer(chat_tokenizer or spec.get("adapter") or spec["path"], trust_remote_code)
         model = load_causal_lm(spec["path"], trust_remote_code, adapter=spec.get("adapter")).eval()
         start = time.perf_counter()
         preds[tag] = generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
-        metrics[f"heldout/{tag}/wall_s"] = time.perf_counter() - start
+        metrics[names.heldout(tag, "wall_s")] = time.perf_counter() - start
         per_record[tag] = correct(preds[tag], refs)
         for name, values in per_record[tag].items():
-            metrics[f"heldout/{tag}/{name}"] = sum(values) / len(values)
+            metrics[names.heldout(tag, name)] = sum(values) / len(values)
         if labelled:
             labels[tag] = label_report(preds[tag], refs)
-            metrics[f"heldout/{tag}/macro_f1"] = labels[tag]["macro_f1"]
+            metrics[names.heldout(tag, "macro_f1")] = labels[tag]["macro_f1"]
             confusion[tag] = labels[tag]["confusion"]
         del model
     for tag in (t for t in preds if t != "base" and "base" in preds):
-        prefix = delta_prefix("heldout/delta", tag)
         for name in per_record[tag]:
             result = stats.compare(per_record["base"][name], per_record[tag][name], bootstrap_iters, seed=seed)
-            metrics.update({f"{prefix}/{name}": result["delta"], f"{prefix}/{name}/ci_low": result["ci_low"],
-                            f"{prefix}/{name}/ci_high": result["ci_high"], f"{prefix}/{name}/p_value": result["p_value"]})
+            metrics[names.heldout_delta(name, model=tag)] = result["delta"]
+            metrics.update({names.heldout_delta(name, s, tag): result[s] for s in names.DELTA_STATS})
         if labelled:
             base, ft = labels["base"], labels[tag]
             low, high = stats.macro_f1_delta_ci(base["truth"], base["pred"], ft["pred"], len(confusion[tag]["labels"]),
                                                 bootstrap_iters, seed=seed)
-            metrics.update({f"{prefix}/macro_f1": ft["macro_f1"] - base["macro_f1"], f"{prefix}/macro_f1/ci_low": low,
-                            f"{prefix}/macro_f1/ci_high": high})
+            metrics.update({names.heldout_delta("macro_f1", model=tag): ft["macro_f1"] - base["macro_f1"],
+                            names.heldout_delta("macro_f1", "ci_low", tag): low,
+                            names.heldout_delta("macro_f1", "ci_high", tag): high})
     rows = [{"id": r["id"], "source": r["source"], "prompt": prompts[i][-1]["content"], "reference": ref,
              **{f"{t}_prediction": p[i] for t, p in preds.items()}}
             for i, (r, ref) in enumerate(zip(records, refs))]

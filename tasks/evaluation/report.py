@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sftflow import metrics as names
 from sftflow.tracking import stage_task
 
 HELDOUT = ("exact_match", "label_acc", "macro_f1")
@@ -15,14 +16,12 @@ def summary_rows(metrics: dict, forgetting: list[dict]) -> list[dict]:
     """One row per held-out measure and per benchmark/category row of the ft-vs-base forgetting table."""
     rows = []
     for name in HELDOUT:
-        if f"heldout/delta/{name}" not in metrics:
+        if names.heldout_delta(name) not in metrics:
             continue
-        rows.append({"measure": f"held-out {name}", "base": metrics[f"heldout/base/{name}"],
-                     "fine-tuned": metrics[f"heldout/ft/{name}"], "delta": metrics[f"heldout/delta/{name}"],
-                     "ci_low": metrics.get(f"heldout/delta/{name}/ci_low"),
-                     "ci_high": metrics.get(f"heldout/delta/{name}/ci_high"),
-                     "p_value": metrics.get(f"heldout/delta/{name}/p_value"), "n": int(metrics["heldout/records"]),
-                     "flag": ""})
+        rows.append({"measure": f"held-out {name}", "base": metrics[names.heldout("base", name)],
+                     "fine-tuned": metrics[names.heldout(names.FT, name)], "delta": metrics[names.heldout_delta(name)],
+                     **{s: metrics.get(names.heldout_delta(name, s)) for s in names.DELTA_STATS},
+                     "n": int(metrics[names.HELDOUT_RECORDS]), "flag": ""})
     for r in forgetting:
         if r["scope"] == "subtask":
             continue
@@ -38,13 +37,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def timing(metrics: dict) -> str:
     """Evaluation wall time per stage and model, with how much of the sweep came from the cache."""
-    parts = [f"held-out {metrics['heldout/duration_s']:.0f} s"] if "heldout/duration_s" in metrics else []
-    if "benchmarks/duration_s" in metrics:
-        tags = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and k.endswith("/cached_tasks")})
-        models = [f"{t} {metrics[f'eval/{t}/wall_s']:.0f} s, {metrics[f'eval/{t}/cached_tasks']:.0f}/"
-                  f"{metrics[f'eval/{t}/cached_tasks'] + metrics[f'eval/{t}/evaluated_tasks']:.0f} tasks cached"
-                  for t in tags]
-        parts.append(f"benchmarks {metrics['benchmarks/duration_s']:.0f} s ({'; '.join(models)})")
+    held, bench = names.stage_duration("heldout"), names.stage_duration("benchmarks")
+    parts = [f"held-out {metrics[held]:.0f} s"] if held in metrics else []
+    if bench in metrics:
+        work = {}
+        for k, v in metrics.items():
+            if parsed := names.parse_eval_work(k):
+                work.setdefault(parsed[0], {})[parsed[1]] = v
+        models = [f"{t} {w['wall_s']:.0f} s, {w['cached_tasks']:.0f}/"
+                  f"{w['cached_tasks'] + w['evaluated_tasks']:.0f} tasks cached" for t, w in sorted(work.items())]
+        parts.append(f"benchmarks {metrics[bench]:.0f} s ({'; '.join(models)})")
     return "Evaluation wall time: " + ", ".join(parts) if parts else ""
 
 
