@@ -52,6 +52,11 @@ def test_eval_runs_only_the_sweep_for_a_model_and_tracks_it(tiny_model):
     assert metrics["forgetting/model/mmlu/delta"] == 0.0  # the same weights on both sides
     assert {"eval/base/mmlu/acc", "eval/model/bbh/exact_match", "eval/model/mmlu_stem/acc"} <= set(metrics)
     assert "heldout/records" not in metrics and "train/final_loss" not in metrics  # only the sweep ran
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:  # the sweep is a Prefect flow run, tagged on the MLflow run
+        flow_run = prefect.read_flow_run(parent.data.tags["prefect.flow_run_id"])
+    assert flow_run.state.is_completed() and flow_run.name == parent.data.tags["prefect.flow_run_name"]
     again = runner.invoke(app, args)  # both models carry a digest: the second sweep is all cache
     assert again.exit_code == 0, again.output
     [latest, _] = client.search_runs([parent.info.experiment_id], "tags.mlflow.runName LIKE 'smoke-eval-%'",

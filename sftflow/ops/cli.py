@@ -137,24 +137,19 @@ def eval_(config: ConfigArg,
                                                       "forgetting with CIs")] = False,
           set_: SetOpt = None) -> None:
     """Run only the benchmark sweep (eval.mmlu, eval.bbh, eval.tasks) for one model, tracked in MLflow."""
-    import uuid
-
     from sftflow import env
 
     cfg = _load(config, set_)
-    state = env.configure(cfg.offline)
-    from sftflow.tasks.evaluation.benchmarks import benchmarks, sweep_models
-    from sftflow.tracking import parent_run, run_stage
+    env.configure(cfg.offline)
+    from sftflow.flows.evaluate import evaluate_model
 
-    models = sweep_models(model, cfg.model.base, cfg.offline, baseline)
-    with parent_run(cfg, state, "none (sftflow eval)", f"eval-{uuid.uuid4().hex[:8]}") as ctx:
-        result = run_stage("benchmarks", benchmarks, ctx, models, cfg.eval,
-                           trust_remote_code=cfg.model.trust_remote_code)
-    print_sweep(result, list(models), f"sftflow eval {model}")
-    console.print(f"run dir {ctx.run_dir}; MLflow run {ctx.parent_run_id}; "
+    result = evaluate_model(config=cfg, model=model, baseline=baseline)
+    print_sweep(result, result["models"], f"sftflow eval {model}")
+    console.print(f"run dir {result['run_dir']}; MLflow run {result['mlflow_run_id']}; "
                   "lm-eval wall time " + ", ".join(
                       f"{t} {result['metrics'][names.eval_work(t, 'wall_s')]:.0f} s "
-                      f"({result['metrics'][names.eval_work(t, 'cached_tasks')]:.0f} tasks cached)" for t in models))
+                      f"({result['metrics'][names.eval_work(t, 'cached_tasks')]:.0f} tasks cached)"
+                      for t in result["models"]))
 
 
 def print_sweep(result: dict, tags: list[str], title: str) -> None:

@@ -15,7 +15,7 @@ from sftflow.charts import plot_deltas
 from sftflow.configs.schema import EvalConfig
 from sftflow.records import write_jsonl
 from sftflow.tasks.evaluation.forgetting import forgetting_metrics, forgetting_rows, to_markdown
-from sftflow.tasks.evaluation.lmeval import evaluate_model, lm_eval_version
+from sftflow.tasks.evaluation.lmeval import lm_eval_version, model_items
 from sftflow.tasks.evaluation.mirror import sweep_tasks
 from sftflow.tracking import stage_task
 
@@ -65,7 +65,7 @@ def benchmarks(models: dict[str, dict], cfg: EvalConfig, out_dir: Path, trust_re
     metrics: dict[str, float] = {}
     items: dict[str, list[dict]] = {}
     for tag, spec in models.items():
-        items[tag], info = evaluate_model(spec, tasks, mirror, cfg, trust_remote_code)
+        items[tag], info = model_items(spec, tasks, mirror, cfg, trust_remote_code)
         metrics.update({names.eval_work(tag, k): v for k, v in info.items()})
         write_jsonl(out_dir / f"items_{tag}.jsonl", items[tag])
         metrics.update(aggregate(items[tag], tag))

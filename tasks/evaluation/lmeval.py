@@ -82,7 +82,7 @@ def result_key(model: dict, task: EvalTask, cfg: EvalConfig) -> str | None:
                       "dtype": precision.inference()})
 
 
-def evaluate_model(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig,
+def model_items(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig,
                    trust_remote_code: bool) -> tuple[list[dict], dict]:
     """Items of one model on every task: cached tasks are read back, the rest run in one lm-eval call."""
     keys = {t.name: result_key(model, t, cfg) for t in tasks}
