@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_deltas(rows: list[dict], path: Path, title: str) -> Path:
-    """Horizontal bars of delta with 95% CI whiskers, one per row; significant drops in red."""
+def _pyplot():
+    """pyplot on the headless backend (servers and CI have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_deltas(rows: list[dict], path: Path, title: str) -> Path:
+    """Horizontal bars of delta with 95% CI whiskers, one per row; significant drops in red."""
+    plt = _pyplot()
 
     rows = list(reversed(rows))  # first row on top
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.22 * len(rows)))
@@ -31,10 +38,7 @@ def plot_deltas(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     panels = (("loss", ("loss", "eval_loss")), ("learning rate", ("learning_rate",)), ("grad norm", ("grad_norm",)))
     fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.5))
@@ -50,3 +54,38 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
+
+def _save(fig, ax, path: Path) -> Path:
+    plt = _pyplot()
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_run_deltas(run_names: list[str], rows: list[tuple[str, list]], path: Path) -> Path:
+    """Grouped bars, one group per (label, one value per run) row, one bar per run (missing values as 0)."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+    width = 0.8 / len(run_names)
+    for i, name in enumerate(run_names):
+        ax.bar([j + i * width for j in range(len(rows))], [v[i] or 0.0 for _, v in rows], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [label for label, _ in rows], rotation=20)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("fine-tuned − base")
+    ax.set_title("target gain and forgetting")
+    return _save(fig, ax, path)
+
+
+def plot_loss_curves(curves: list[tuple[str, list[tuple[int, float]]]], path: Path) -> Path:
+    """One train-loss line per (run name, [(step, loss), ...])."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves:
+        ax.plot(*zip(*curve), marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    return _save(fig, ax, path)

@@ -56,3 +56,13 @@ def test_bad_references_are_named():
 def test_operations_commands_explain_themselves(cmd):
     result = CliRunner().invoke(app, [cmd, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output, result.output
+
+
+def test_comparison_charts_draw_missing_values_and_runs_of_the_same_name(tmp_path):
+    from sftflow import charts
+
+    deltas = charts.plot_run_deltas(["a", "a"], [("gain label_acc", [0.25, None]), ("forgetting mmlu", [-0.05, -0.1])],
+                                    tmp_path / "deltas.png")
+    loss = charts.plot_loss_curves([("a", [(1, 2.0), (2, 1.5)]), ("a", [(1, 2.2)])], tmp_path / "train_loss.png")
+    for path in (deltas, loss):
+        assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 1000

@@ -16,6 +16,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from sftflow import charts
 from sftflow import metrics as names
 from sftflow.errors import UserError
 
@@ -114,42 +115,12 @@ def fmt(value, label: str = "") -> str:
     return str(value)
 
 
-def _save(fig, ax, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _plots(runs: list[RunView], rows: list[tuple[str, list]], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
-    deltas = [(label, values) for label, values in rows if label.startswith(("gain", "forgetting"))]
-    if deltas:
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(deltas)), 4))
-        width = 0.8 / len(runs)
-        for i, run in enumerate(runs):
-            ax.bar([j + i * width for j in range(len(deltas))], [v[i] or 0.0 for _, v in deltas], width, label=run.name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(deltas))], [label for label, _ in deltas], rotation=20)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_ylabel("fine-tuned − base")
-        ax.set_title("target gain and forgetting")
-        paths.append(_save(fig, ax, out_dir / "deltas.png"))
-    if any(r.loss_curve for r in runs):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for run in runs:
-            if run.loss_curve:
-                ax.plot(*zip(*run.loss_curve), marker="o", label=run.name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("train loss")
-        paths.append(_save(fig, ax, out_dir / "train_loss.png"))
+    if deltas := [(label, values) for label, values in rows if label.startswith(("gain", "forgetting"))]:
+        paths.append(charts.plot_run_deltas([r.name for r in runs], deltas, out_dir / "deltas.png"))
+    if curves := [(r.name, r.loss_curve) for r in runs if r.loss_curve]:
+        paths.append(charts.plot_loss_curves(curves, out_dir / "train_loss.png"))
     return paths
 
 
