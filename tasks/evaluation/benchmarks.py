@@ -1,4 +1,4 @@
-"""Stage 6b: lm-eval sweeps on MMLU and BBH (and any stock lm-eval task), every model vs the base.
+"""The benchmark stage: lm-eval sweeps on MMLU and BBH (and any stock lm-eval task), every model vs the base.
 
 Which models are swept, their items aggregated into scores (micro-averages per benchmark, lm-eval category
 and subtask), and every model other than the base compared with it (forgetting). The tasks come from

@@ -1,4 +1,4 @@
-"""Stage 6a: specialisation on the held-out test split, base vs fine-tuned.
+"""The held-out stage: specialisation on the held-out test split, base vs fine-tuned.
 
 Greedy generation with the training chat template; scored by exact match on the reference and by
 label accuracy (first line, case and trailing punctuation ignored), plus macro-F1 and a confusion

@@ -1,4 +1,4 @@
-"""Stage 8: the summary: held-out gain and forgetting (benchmarks and their categories), base vs
+"""The report stage, the summary: held-out gain and forgetting (benchmarks and their categories), base vs
 fine-tuned, each delta with its 95% CI and p-value, and the promotion verdict."""
 
 from __future__ import annotations
