@@ -176,7 +176,7 @@ def split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict | N
     upstream, benchmarks = upstream or {}, benchmarks or {}
     root = Path(benchmark_root) if benchmark_root else None
     files = decontam.benchmark_files(benchmarks, root) if root and cfg.decontam.enabled else []
-    key = cache.key("split-v1", Path(records_path), cfg, upstream, benchmarks,
+    key = cache.key("split-v2", Path(records_path), cfg, upstream, benchmarks,
                     [(str(f.relative_to(root)), f) for f in files])
     result = cached("split", key, out_dir, lambda d: _split(records_path, cfg, d, upstream, benchmarks, root))
     log_datasets({n: Path(p) for n, p in result["paths"].items()})
