@@ -11,9 +11,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from sftflow import env
+from sftflow import env, links
 from sftflow.configs.schema import PipelineConfig
-from sftflow.ops import fence, links
+from sftflow.ops import fence
 from sftflow.redact import scrub
 from sftflow.results import (
     Base,
