@@ -6,8 +6,9 @@ Trains LoRA, full and QLoRA for --steps steps through the pipeline's own `train(
 precision, attention and kernels `auto` picks), then a single-process FSDP run with configs/accelerate/fsdp.yaml,
 then runs the CUDA-relevant tests. Per run it prints precision, attention kernel, fused kernels, tokens/s, peak
 GPU memory and MFU = 6 * parameters * tokens/s over the card's dense bf16 peak (--peak-tflops for cards not in
-PEAK_TFLOPS). The model is a random Llama built on the spot (about 110M parameters with grouped-query attention;
-`--size tiny` for the test model) unless --model names a real one (a folder with safetensors and a tokenizer).
+PEAK_TFLOPS). The model is --model (a folder with safetensors and a tokenizer), else on CUDA the demo's base
+when `sftflow model pull` has put it on disk, else a random Llama built on the spot (about 110M parameters with
+grouped-query attention; `--size tiny` for the test model).
 
 Without CUDA it is a smoke run: LoRA and full for a few steps in fp32 on the tiny model, QLoRA, FSDP and the
 tests reported as skipped, and a "no CUDA" line; its numbers say nothing about GPUs.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from common import REPO, workdir
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
 SIZES = {"tiny": {}, "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 4}}
+DEMO_BASE = "smollm2-135m-instruct"  # configs/demo.yaml's model.base
 TESTS = ["tests/test_train.py", "tests/test_packing.py", "tests/test_template.py"]
 WORDS = ("the film was great awful plot acting music scene review product broke day terrible wonderful "
          "question answer classify sentiment positive negative story ending character").split()
@@ -47,11 +50,15 @@ def records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def model_path(args, work: Path) -> str:
-    if args.model:
-        return args.model
+def model_path(args, work: Path, cuda: bool) -> str:
+    """--model; else on CUDA the demo's base if `sftflow model pull` put it on disk; else a model built here."""
+    from sftflow.models import models_dir
     from sftflow.tiny import build_tiny_llama
 
+    pulled = models_dir() / DEMO_BASE
+    if args.model or (cuda and args.size is None and (pulled / "config.json").exists()):
+        return args.model or str(pulled)
+    args.size = args.size or ("small" if cuda else "tiny")
     return str(build_tiny_llama(work / f"model-{args.size}", **SIZES[args.size]))
 
 
@@ -116,6 +123,7 @@ def main() -> None:
 
     from sftflow import env
 
+    os.chdir(REPO)  # the state dir (.sftflow: pulled models) is the project's, wherever this is started from
     env.configure(offline=True)
     import torch
 
@@ -123,10 +131,9 @@ def main() -> None:
     work = workdir()
     if not cuda:
         args.steps, args.records, args.batch_size = min(args.steps, 3), min(args.records, 48), min(args.batch_size, 4)
-    args.size = args.size or ("small" if cuda else "tiny")
     device = torch.cuda.get_device_name() if cuda else "no CUDA: CPU smoke run, numbers say nothing about GPUs"
     print(f"device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}")
-    model = model_path(args, work)
+    model = model_path(args, work, cuda)
     paths = tokens(model, work, args.records)
     peak = peak_tflops(args.peak_tflops)
 

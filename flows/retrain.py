@@ -13,10 +13,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.states import Completed
 
-from sftflow import cache, env
+from sftflow import cache, env, links
 from sftflow.configs.loader import load_config
 from sftflow.configs.schema import PipelineConfig, Source
-from sftflow.ops import fence, links, registry
+from sftflow.ops import fence, registry
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

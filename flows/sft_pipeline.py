@@ -11,10 +11,24 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from sftflow import env
+from sftflow import env, links
 from sftflow.configs.schema import PipelineConfig
-from sftflow.ops import fence, links
+from sftflow.ops import fence
 from sftflow.redact import scrub
+from sftflow.results import (
+    Base,
+    Benchmarks,
+    Curated,
+    Heldout,
+    Loaded,
+    ModelRef,
+    PipelineResult,
+    Report,
+    Splits,
+    Tokens,
+    Trained,
+    Verdict,
+)
 from sftflow.tasks.data.curate import curate_task
 from sftflow.tasks.data.decontam import targets as decontam_targets
 from sftflow.tasks.data.load import load_task
@@ -30,15 +44,15 @@ from sftflow.tasks.training.template import template_task
 from sftflow.tracking import parent_run
 
 
-def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> dict:
+def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> Splits:
     """load -> curate (pre-flight, filters, exact + near dedup) -> split (grouped, decontaminated)."""
-    loaded = load_task(ctx, config.data, policy=config.curate)
-    curated = curate_task(ctx, loaded["records"], config.curate, tokenizer=tokenizer,
-                          max_length=config.template.max_length, system_prompt=config.template.system_prompt,
-                          load_rejects=loaded["rejects"])
-    splits = split_task(ctx, curated["records"], config.split, upstream={"load": loaded["ledger"],
-                                                                         "curate": curated["ledger"]},
-                        benchmarks=decontam_targets(config.eval), benchmark_root=config.eval.benchmark_root)
+    loaded: Loaded = load_task(ctx, config.data, policy=config.curate)
+    curated: Curated = curate_task(ctx, loaded["records"], config.curate, tokenizer=tokenizer,
+                                   max_length=config.template.max_length,
+                                   system_prompt=config.template.system_prompt, load_rejects=loaded["rejects"])
+    splits: Splits = split_task(ctx, curated["records"], config.split,
+                                upstream={"load": loaded["ledger"], "curate": curated["ledger"]},
+                                benchmarks=decontam_targets(config.eval), benchmark_root=config.eval.benchmark_root)
     create_markdown_artifact(key="sftflow-curation", markdown=splits["report_md"],
                              description="data curation report: accounting, rejects, duplicates, contamination")
     return splits
@@ -57,36 +71,37 @@ def curate_pipeline(config: PipelineConfig) -> dict:
 
 
 @flow(name="sft-pipeline")
-def sft_pipeline(config: PipelineConfig) -> dict:
+def sft_pipeline(config: PipelineConfig) -> PipelineResult:
     state = env.configure(config.offline)
     fence.enforce(config)  # deployed on its own, its run form is a remote entry point too
     trust = config.model.trust_remote_code
     check_hardware(config.train)  # QLoRA or bf16 on a CPU-only machine fails now, not after the data stages
     with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
         # 1. the base model first: the data pre-flight counts tokens with its tokenizer and chat template
-        base = model_task(ctx, config.model, config.offline)
+        base: Base = model_task(ctx, config.model, config.offline)
 
         # 2-3. data: every record loaded, checked, filtered, deduplicated, split and decontaminated
         splits = prepare_data(ctx, config, base["path"])
 
         # 4-5. render with the chat template (the base's own, or template.chat_template), audit masks, fine-tune
-        tokens = template_task(ctx, splits["paths"], base["path"], config.template, trust_remote_code=trust)
-        trained = train_task(ctx, tokens["paths"], base["path"], config.train, trust_remote_code=trust)
+        tokens: Tokens = template_task(ctx, splits["paths"], base["path"], config.template, trust_remote_code=trust)
+        trained: Trained = train_task(ctx, tokens["paths"], base["path"], config.train, trust_remote_code=trust)
 
         # 6. evaluate every model against the base: specialisation on held-out data, forgetting on
         #    benchmarks (the base's benchmark results are cached across runs), then the promotion gate
-        models = {"base": {"path": base["path"], "digest": base["digest"], "tokenizer": base["path"]},
-                  "ft": {"path": trained["model_path"], "adapter": trained["adapter_path"], "tokenizer": base["path"]}}
-        held = heldout_task(ctx, splits["paths"]["test"], models, config.eval.heldout,
-                            system_prompt=config.template.system_prompt, trust_remote_code=trust,
-                            bootstrap_iters=config.eval.bootstrap_iters, seed=config.eval.seed,
-                            chat_tokenizer=tokens["paths"]["tokenizer"])
-        bench = benchmarks_task(ctx, models, config.eval, trust_remote_code=trust)
-        verdict = gate_task(ctx, [held["metrics"], bench["metrics"]], config.gate)
+        models: dict[str, ModelRef] = {
+            "base": {"path": base["path"], "digest": base["digest"], "tokenizer": base["path"]},
+            "ft": {"path": trained["model_path"], "adapter": trained["adapter_path"], "tokenizer": base["path"]}}
+        held: Heldout = heldout_task(ctx, splits["paths"]["test"], models, config.eval.heldout,
+                                     system_prompt=config.template.system_prompt, trust_remote_code=trust,
+                                     bootstrap_iters=config.eval.bootstrap_iters, seed=config.eval.seed,
+                                     chat_tokenizer=tokens["paths"]["tokenizer"])
+        bench: Benchmarks = benchmarks_task(ctx, models, config.eval, trust_remote_code=trust)
+        verdict: Verdict = gate_task(ctx, [held["metrics"], bench["metrics"]], config.gate)
 
         # 7. report
         forgetting = bench.get("forgetting", {}).get("ft", [])
-        summary = report_task(ctx, [held["metrics"], bench["metrics"]], forgetting, verdict=verdict)
+        summary: Report = report_task(ctx, [held["metrics"], bench["metrics"]], forgetting, verdict=verdict)
 
     create_markdown_artifact(
         key="sftflow-summary",

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from sftflow import env, errors
-from sftflow.ops.links import prefect_flow_run_url
+from sftflow.links import prefect_flow_run_url
 from sftflow.redact import redact
 
 

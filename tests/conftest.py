@@ -68,3 +68,12 @@ def template_splits(d: Path, model: str, train: list[dict], val: list[dict], max
     write_jsonl(d / "val.jsonl", val)
     return template({"train": str(d / "train.jsonl"), "val": str(d / "val.jsonl")}, model,
                     TemplateConfig(max_length=max_length), out_dir=d)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory, tiny_model):
+    """40 two-label review records (32 train, 8 val) through the real template stage -> its paths."""
+    d = tmp_path_factory.mktemp("tok")
+    recs = [make_record(i, f"Review {i}: the film was {'great' if i % 2 else 'awful'}.", "POS" if i % 2 else "NEG")
+            for i in range(40)]
+    return template_splits(d, tiny_model, recs[:32], recs[32:])["paths"]

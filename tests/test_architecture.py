@@ -95,6 +95,18 @@ def test_no_module_is_longer_than_the_layout_allows():
     assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
 
 
+def test_dependencies_point_down():
+    """The core imports no stage, flow or operation; stages import no flow or operation."""
+    below = {"sftflow.tasks": ("sftflow.flows", "sftflow.ops"),
+             "sftflow": ("sftflow.tasks", "sftflow.flows", "sftflow.ops")}
+    upward = []
+    for name, deps in graph().items():
+        layer = "sftflow.tasks" if name.startswith("sftflow.tasks") else \
+            "sftflow" if not name.startswith(("sftflow.flows", "sftflow.ops", "sftflow.configs")) else None
+        upward += [f"{name} -> {d}" for d in deps if layer and d.startswith(below[layer])]
+    assert upward == []
+
+
 def test_every_package_folder_is_installed():
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     folders = {name.removesuffix(".__init__") for name, path in modules().items() if path.name == "__init__.py"}

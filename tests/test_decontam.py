@@ -71,3 +71,16 @@ def test_each_registry_entry_names_the_texts_decontamination_indexes(data_root):
             texts = bench.items(data_root, BENCH[name][0], split)
             assert texts and all(t and all(isinstance(x, str) and x.strip() for x in t) for t in texts), (name, split)
     assert set(targets(EvalConfig())) == set(BENCHMARKS)  # every registered benchmark is decontaminated against
+
+
+def test_a_short_prompt_shared_by_every_record_is_template_not_a_leak():
+    """A system prompt under `ngram` words in every record must not make every train record a test-split leak."""
+    prompt = "Classify the movie review as POS or NEG."  # 8 words: shorter than the 13-word n-gram
+    test = [(f"t{i}", [prompt, f"an utterly unique test review number {i} about a film called {i}x", "POS"])
+            for i in range(10)]
+    train = [[prompt, f"a different train review {i} entirely", "NEG"] for i in range(30)]
+    index = NgramIndex(test, DecontamConfig(), corpus=train)
+    assert index.hit([prompt, "a fresh train review that shares nothing with the test split", "POS"]) is None
+    # A real leak is still caught: a train record holding a test review.
+    assert index.hit([prompt, "an utterly unique test review number 3 about a film called 3x", "POS"]) == \
+        "an utterly unique test review number 3 about a film called 3x"

@@ -11,7 +11,6 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-from conftest import make_record, template_splits
 from safetensors.torch import load_file
 
 from sftflow import cache
@@ -22,14 +21,6 @@ from sftflow.tasks.training.run import run_training, training_key
 from sftflow.tracking import TrackingUnreachable, check_reachable
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory, tiny_model):
-    d = tmp_path_factory.mktemp("tok")
-    recs = [make_record(i, f"Review {i}: the film was {'great' if i % 2 else 'awful'}.", "POS" if i % 2 else "NEG")
-            for i in range(40)]
-    return template_splits(d, tiny_model, recs[:32], recs[32:])["paths"]
 
 
 def _truncate(path: Path) -> None:

@@ -11,7 +11,6 @@ import mlflow
 import psutil
 import pytest
 import torch
-from conftest import make_record, template_splits
 from prefect.states import Failed
 from safetensors.torch import load_file
 
@@ -24,14 +23,6 @@ from sftflow.tasks.training.run import _retry_if_worker_died, run_training, trai
 from sftflow.tasks.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory, tiny_model):
-    d = tmp_path_factory.mktemp("tok")
-    recs = [make_record(i, f"Review {i}: the film was {'great' if i % 2 else 'awful'}.", "POS" if i % 2 else "NEG")
-            for i in range(40)]
-    return template_splits(d, tiny_model, recs[:32], recs[32:])["paths"]
 
 
 def history(out_dir: Path) -> list[dict]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sftflow import links
 from sftflow.errors import UserError
-from sftflow.ops import browser, compare, links
+from sftflow.ops import browser, compare
 
 
 class ShotError(UserError, RuntimeError):

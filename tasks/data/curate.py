@@ -16,6 +16,7 @@ from pathlib import Path
 from sftflow import cache
 from sftflow.configs.schema import CurateConfig
 from sftflow.records import read_jsonl, reject, snippet, write_jsonl
+from sftflow.results import Curated
 from sftflow.stagecache import cached
 from sftflow.tasks.data.dedup import exact, minhash
 from sftflow.tasks.data.filters import filter_reason
@@ -133,7 +134,7 @@ def _curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str 
 
 
 def curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str | None = None, max_length: int = 512,
-           system_prompt: str | None = None, load_rejects: str | None = None) -> dict:
+           system_prompt: str | None = None, load_rejects: str | None = None) -> Curated:
     """Curate `records_path` (load's records.jsonl); `tokenizer` (the base model's folder) enables token counts;
     `load_rejects` (load's load_rejects.jsonl) counts toward the pre-flight error share and is listed in its error."""
     key = cache.key("curate-v2", Path(records_path), cfg, tokenizer_files(tokenizer), max_length, system_prompt,

@@ -1,7 +1,8 @@
 """Decontamination: word n-gram overlap of training records with benchmark items and the test split.
 
-N-grams shared by more than `boilerplate_df` texts (task instructions, prompt stems) are template text,
-not a leak: they are cut out of each item first. What is left of an item counts by its n-grams of
+N-grams shared by more than `boilerplate_df` texts (task instructions, prompt stems), and whole texts shorter
+than an n-gram shared as often (a short system prompt in every record), are template text, not a leak: they are
+cut out of each item first. What is left of an item counts by its n-grams of
 `ngram` words; a remainder shorter than that must appear whole, and one shorter than `min_words` is
 too generic to be evidence and is skipped (counted). Items come from the same originals the eval
 stage reads, under eval.benchmark_root (never data.root, which holds training data).
@@ -89,13 +90,15 @@ class NgramIndex:
         item_words = [(ref, [words(t) for t in texts]) for ref, texts in items]
         df: Counter[str] = Counter()
         for texts in [t for _, t in item_words] + [[words(t) for t in c] for c in corpus]:
-            df.update({g for ws in texts for g in _grams(ws, n)})
+            # A text shorter than an n-gram has none: it counts whole, so a shared short prompt is template too.
+            df.update({g for ws in texts for g in _grams(ws, n)} | {" ".join(ws) for ws in texts if len(ws) < n})
         boilerplate = {g for g, c in df.items() if c > cfg.boilerplate_df}
         self.ref: dict[str, str] = {}
         self.skipped = 0
         for ref, texts in item_words:
             for ws in texts:
-                segments = [seg for seg in _segments(ws, n, boilerplate) if len(seg) >= cfg.min_words]
+                segments = [seg for seg in _segments(ws, n, boilerplate)
+                            if len(seg) >= cfg.min_words and " ".join(seg) not in boilerplate]
                 self.skipped += not segments
                 for seg in segments:
                     for g in _grams(seg, min(n, len(seg))):

@@ -17,6 +17,7 @@ from pathlib import Path
 from sftflow import cache
 from sftflow.configs.schema import CurateConfig, DataConfig, Source
 from sftflow.records import ROLES, record_id, reject, write_jsonl
+from sftflow.results import Loaded
 from sftflow.stagecache import cached
 from sftflow.tasks.data.readers import DEFAULT_MAX_BYTES, Bad, DataError, read_rows
 from sftflow.tracking import stage_task
@@ -245,7 +246,7 @@ def load_source(source: Source, root: Path, seed: int = 0, on_bad_record: str = 
     return records, rejects, available
 
 
-def load(cfg: DataConfig, out_dir: Path, policy: CurateConfig | None = None) -> dict:
+def load(cfg: DataConfig, out_dir: Path, policy: CurateConfig | None = None) -> Loaded:
     """Load every source; write records.jsonl and load_rejects.jsonl; return paths and counts.
 
     `policy` gives curate.on_bad_record and curate.max_record_bytes (defaults: reject, 4 MB).

@@ -20,6 +20,7 @@ from pathlib import Path
 from sftflow import cache
 from sftflow.configs.schema import SplitConfig
 from sftflow.records import read_jsonl, reject, write_jsonl
+from sftflow.results import Splits
 from sftflow.stagecache import cached
 from sftflow.tasks.data import decontam
 from sftflow.tasks.data.ledger import account, dominant_lines, markdown
@@ -168,14 +169,14 @@ def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, b
 
 
 def split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict | None = None,
-          benchmarks: dict | None = None, benchmark_root: str | None = None) -> dict:
+          benchmarks: dict | None = None, benchmark_root: str | None = None) -> Splits:
     """Split curate's records; `upstream` = {"load": ..., "curate": ...} counts for the ledger and report;
     `benchmarks` = {name: subtasks} to decontaminate against (see decontam.targets), read under
     `benchmark_root` (eval.benchmark_root)."""
     upstream, benchmarks = upstream or {}, benchmarks or {}
     root = Path(benchmark_root) if benchmark_root else None
     files = decontam.benchmark_files(benchmarks, root) if root and cfg.decontam.enabled else []
-    key = cache.key("split-v1", Path(records_path), cfg, upstream, benchmarks,
+    key = cache.key("split-v2", Path(records_path), cfg, upstream, benchmarks,
                     [(str(f.relative_to(root)), f) for f in files])
     result = cached("split", key, out_dir, lambda d: _split(records_path, cfg, d, upstream, benchmarks, root))
     log_datasets({n: Path(p) for n, p in result["paths"].items()})

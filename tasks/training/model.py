@@ -6,10 +6,11 @@ from pathlib import Path
 
 from sftflow.configs.schema import ModelConfig
 from sftflow.models import resolve
+from sftflow.results import Base
 from sftflow.tracking import stage_task
 
 
-def resolve_model(cfg: ModelConfig, offline: bool, out_dir: Path) -> dict:
+def resolve_model(cfg: ModelConfig, offline: bool, out_dir: Path) -> Base:
     model = resolve(cfg.base, offline)
     return {"path": model.path, "digest": model.digest,
             "params": {"model.path": model.path, "model.digest": model.digest, "model.source": model.source}}

@@ -23,6 +23,7 @@ from pathlib import Path
 from sftflow import cache
 from sftflow.configs.training import TrainConfig
 from sftflow.models import MANIFEST
+from sftflow.results import Trained
 from sftflow.stagecache import load_result, save_result
 from sftflow.tasks.training.checkpoints import RUN_INFO, last_checkpoint, step_of
 from sftflow.tasks.training.launch import RESULT, SPEC, WorkerDied, launch
@@ -82,7 +83,7 @@ def _train_and_publish(job: dict, cfg: TrainConfig, key: str) -> Path:
 
 
 def run_training(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
-                 trust_remote_code: bool = False) -> dict:
+                 trust_remote_code: bool = False) -> Trained:
     """Train (or resume, or reuse an identical finished training) and put its outputs in out_dir."""
     key = training_key(token_paths, model_path, cfg)
     entry, hit = cache.lookup(STAGE, key), True

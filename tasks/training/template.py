@@ -29,6 +29,7 @@ from sftflow.configs.schema import TemplateConfig
 from sftflow.errors import UserError
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl, reject, write_jsonl
+from sftflow.results import Tokens
 from sftflow.tracking import stage_task
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -159,7 +160,7 @@ def check_audit(m: dict, where: str) -> None:
 
 
 def template(split_paths: dict, model_path: str, cfg: TemplateConfig, out_dir: Path,
-             trust_remote_code: bool = False) -> dict:
+             trust_remote_code: bool = False) -> Tokens:
     tok = apply_template(load_tokenizer(model_path, trust_remote_code), cfg, model_path)
     metrics, paths, rejects, samples = {}, {}, [], []
     for name in ("train", "val"):

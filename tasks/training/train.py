@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sftflow.charts import plot_curves
 from sftflow.configs.training import ADAPTER_METHODS, TrainConfig
+from sftflow.results import Trained
 from sftflow.tasks.training.checkpoints import run_trainer
 from sftflow.tasks.training.trainer import build_trainer
 
@@ -32,7 +33,7 @@ def save_merged(adapter_dir: Path, model_path: str, tok, dest: Path, trust_remot
 
 
 def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
-          trust_remote_code: bool = False) -> dict:
+          trust_remote_code: bool = False) -> Trained:
     import torch
 
     trainer, params = build_trainer(token_paths, model_path, cfg, out_dir / "checkpoints",
