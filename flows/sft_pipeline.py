@@ -100,7 +100,7 @@ def sft_pipeline(config: PipelineConfig) -> PipelineResult:
         verdict: Verdict = gate_task(ctx, [held["metrics"], bench["metrics"]], config.gate)
 
         # 7. report
-        forgetting = bench.get("forgetting", {}).get("ft", [])
+        forgetting = bench["forgetting"].get("ft", [])
         summary: Report = report_task(ctx, [held["metrics"], bench["metrics"]], forgetting, verdict=verdict)
 
     create_markdown_artifact(

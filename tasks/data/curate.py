@@ -126,7 +126,8 @@ def _curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str 
         metrics.update({"preflight/tokens_total": pre_report["tokens"]["total"],
                         "preflight/over_max_length_share": pre_report["tokens"]["over_max_length_share"]})
     if clusters:
-        metrics.update({"near_dedup/clusters": clusters["clusters"], "near_dedup/clustered": clusters["clustered_records"]})
+        metrics.update({"near_dedup/clusters": clusters["clusters"],
+                        "near_dedup/clustered": clusters["clustered_records"]})
     return {"records": str(out_dir / "curated.jsonl"), "counts": counts, "metrics": metrics,
             "ledger": {**counts, "preflight": pre_report, "near_dedup": clusters},
             "artifacts": [out_dir / n for n in ("curation_counts.json", "preflight.json", "near_dup_clusters.json",

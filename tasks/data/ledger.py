@@ -47,7 +47,8 @@ def markdown(report: dict) -> str:
     lines = ["## Data curation", "",
              f"**{a['records_in']}** records in = **{a['kept']}** kept "
              f"({kept}) + {a['rejected']} rejected + "
-             f"{a['exact_dup']} exact duplicates + {a['near_dup']} near duplicates + {a['contaminated']} contaminated", ""]
+             f"{a['exact_dup']} exact duplicates + {a['near_dup']} near duplicates + "
+             f"{a['contaminated']} contaminated", ""]
     if report.get("dominant"):
         lines += ["### Warning: one rule removed most of the data", "", *(f"- {line}" for line in report["dominant"]),
                   ""]

@@ -14,6 +14,7 @@ from sftflow import metrics as names
 from sftflow.charts import plot_deltas
 from sftflow.configs.schema import EvalConfig
 from sftflow.records import write_jsonl
+from sftflow.results import Benchmarks, ModelRef
 from sftflow.tasks.evaluation.forgetting import forgetting_metrics, forgetting_rows, to_markdown
 from sftflow.tasks.evaluation.lmeval import lm_eval_version, model_items
 from sftflow.tasks.evaluation.mirror import sweep_tasks
@@ -52,7 +53,8 @@ def sweep_models(model: str, base: str, offline: bool, baseline: bool) -> dict[s
             "model": {**spec, "tokenizer": ref.path}}
 
 
-def benchmarks(models: dict[str, dict], cfg: EvalConfig, out_dir: Path, trust_remote_code: bool = False) -> dict:
+def benchmarks(models: dict[str, ModelRef], cfg: EvalConfig, out_dir: Path,
+               trust_remote_code: bool = False) -> Benchmarks:
     """models: {"base": {"path", "digest"?}, "ft": {"path", "adapter"?}, ...}: any number, any names.
 
     Each model is swept over the same items; every model other than "base" is compared with "base"
@@ -61,7 +63,7 @@ def benchmarks(models: dict[str, dict], cfg: EvalConfig, out_dir: Path, trust_re
     mirror = out_dir / "tasks"
     tasks = sweep_tasks(cfg, mirror)
     if not tasks:
-        return {"metrics": {}}
+        return {"metrics": {}, "forgetting": {}}
     metrics: dict[str, float] = {}
     items: dict[str, list[dict]] = {}
     for tag, spec in models.items():

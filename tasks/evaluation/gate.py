@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sftflow import metrics as names
 from sftflow.configs.schema import GateConfig
+from sftflow.results import Verdict
 from sftflow.tracking import stage_task
 
 
@@ -59,7 +60,7 @@ def _tag_runs(passed: bool) -> None:
         mlflow.MlflowClient().set_tag(parent, "sftflow.gate", value)
 
 
-def gate(metric_sets: list[dict], cfg: GateConfig, out_dir: Path) -> dict:
+def gate(metric_sets: list[dict], cfg: GateConfig, out_dir: Path) -> Verdict:
     result = verdict({k: v for m in metric_sets for k, v in m.items()}, cfg)
     (out_dir / "gate.json").write_text(json.dumps(result, indent=2))
     _tag_runs(result["passed"])

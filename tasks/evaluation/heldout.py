@@ -18,6 +18,8 @@ from sftflow import stats
 from sftflow.configs.schema import HeldoutConfig
 from sftflow.models import load_causal_lm, load_tokenizer
 from sftflow.records import prompt_messages, read_jsonl, reference, write_jsonl
+from sftflow.results import Heldout, ModelRef
+from sftflow.tasks.data.readers import DataError
 from sftflow.tasks.training.template import render, with_system
 from sftflow.tracking import stage_task
 
@@ -85,14 +87,14 @@ def side_by_side(rows: list[dict], tags: list[str], limit: int) -> str:
     return "\n".join(out)
 
 
-def heldout(test_path: str, models: dict[str, dict], cfg: HeldoutConfig, out_dir: Path,
+def heldout(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out_dir: Path,
             system_prompt: str | None = None, trust_remote_code: bool = False, bootstrap_iters: int = 2000,
-            seed: int = 0, chat_tokenizer: str | None = None) -> dict:
+            seed: int = 0, chat_tokenizer: str | None = None) -> Heldout:
     """models: {"base": {"path", "adapter"}, "ft": {...}, ...} -> per-model scores, deltas vs base with 95% CIs,
     macro-F1 and confusion tables for labelled data, predictions and side-by-side examples."""
     records = list(read_jsonl(Path(test_path)))[: cfg.limit]
     if not records:
-        raise ValueError(f"{test_path}: the test split is empty; raise split.test_ratio or add data")
+        raise DataError(f"{test_path}: the test split is empty; raise split.test_ratio or add data")
     refs = [reference(r) for r in records]
     labelled = all(r.get("label") is not None for r in records)
     prompts = [with_system(prompt_messages(r), system_prompt) for r in records]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from sftflow import metrics as names
+from sftflow.results import Report, Verdict
 from sftflow.tracking import stage_task
 
 HELDOUT = ("exact_match", "label_acc", "macro_f1")
@@ -65,7 +66,7 @@ def to_markdown(rows: list[dict], verdict: dict | None = None, footer: str = "")
     return "\n".join(lines)
 
 
-def report(stage_metrics: list[dict], forgetting: list[dict], out_dir: Path, verdict: dict | None = None) -> dict:
+def report(stage_metrics: list[dict], forgetting: list[dict], out_dir: Path, verdict: Verdict | None = None) -> Report:
     merged = {k: v for m in stage_metrics for k, v in m.items()}
     if verdict is not None:  # the gate stage's result also carries its MLflow bookkeeping
         verdict = {k: verdict[k] for k in ("passed", "reasons", "checks", "model", "bound")}

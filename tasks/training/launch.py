@@ -1,7 +1,7 @@
 """Where a training runs: in this process (default), or as `accelerate launch` worker processes.
 
-Both call `tasks.train.train(**job)`. A worker reads the job from a JSON spec
-(`python -m sftflow.tasks.training.launch SPEC`, run by `accelerate launch ... -m sftflow.tasks.training.launch SPEC`); only rank 0
+Both call `train.train(**job)`. A worker reads the job from a JSON spec (`python -m
+sftflow.tasks.training.launch SPEC`, run by `accelerate launch ... -m sftflow.tasks.training.launch SPEC`); only rank 0
 writes outputs and the result JSON, so nothing but files crosses the process boundary. Step metrics
 reach the stage's MLflow run through MLFLOW_RUN_ID.
 """

@@ -74,7 +74,8 @@ def freeze(model, cfg: TrainConfig) -> list[str]:
     """Freeze the input embeddings + the first K decoder blocks, and parameters matching a pattern."""
     n_layers = model.config.get_text_config().num_hidden_layers
     if cfg.freeze.first_layers > n_layers:
-        raise TrainSetupError(f"train.freeze.first_layers={cfg.freeze.first_layers} but the model has {n_layers} blocks")
+        raise TrainSetupError(f"train.freeze.first_layers={cfg.freeze.first_layers} but the model has "
+                              f"{n_layers} blocks")
     blocks = next((name for name, mod in model.named_modules()
                    if type(mod).__name__ == "ModuleList" and len(mod) == n_layers), None)
     if blocks is None and cfg.freeze.first_layers:
