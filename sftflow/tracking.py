@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from sftflow import env, errors
 from sftflow.links import prefect_flow_run_url
+from sftflow.metrics import stage_duration
 from sftflow.redact import redact
 
 
@@ -166,7 +167,7 @@ def run_stage(name: str, fn: Callable, ctx: RunContext, *args, **kwargs) -> dict
         start = time.perf_counter()
         result = fn(*args, out_dir=out_dir, **kwargs) or {}
         duration = time.perf_counter() - start
-        metrics = finite_metrics({**result.get("metrics", {}), f"{name}/duration_s": duration})
+        metrics = finite_metrics({**result.get("metrics", {}), stage_duration(name): duration})
         if result.get("params"):
             mlflow.log_params({k: str(v)[:6000] for k, v in redact(result["params"]).items()})
         mlflow.log_metrics(metrics)
