@@ -14,6 +14,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from sftflow import errors
+from sftflow.ops.monitor_cli import monitor as monitor_command
 
 # Logs and CI have no terminal: rich would fold tables to 80 columns and cut the CIs.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -361,6 +362,8 @@ def screenshots(refs: Annotated[Optional[list[str]], typer.Argument(
     for path in take(record, refs or [], flow_run, out):
         console.print(f"wrote {path}")
 
+
+app.command("monitor")(monitor_command)
 
 if __name__ == "__main__":
     app()
