@@ -179,6 +179,16 @@ class GateConfig(Section):
     model: str = Field("ft", description="which evaluated model is judged (ft, or e.g. ft_best)")
 
 
+class MonitorConfig(Section):
+    """`sftflow monitor`: the champion scored on fresh labelled traffic against its own held-out score."""
+
+    metric: Literal["label_acc", "exact_match"] = "label_acc"
+    margin: float = Field(0.05, ge=0.0, le=1.0, description="retrain when the score drops below the version's "
+                          "held-out score by more than this, and the whole 95% CI of the drop is below zero")
+    retrain_deployment: str | None = Field("sftflow-retrain/adhoc", description="Prefect deployment started "
+                                           "with the new data as a source on a drop; null: only report")
+
+
 class TrackingConfig(Section):
     experiment: str = "sftflow"
 
@@ -194,6 +204,7 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
+    monitor: MonitorConfig = MonitorConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @property

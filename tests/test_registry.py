@@ -13,13 +13,33 @@ from sftflow.ops import registry
 SAVED = {"lora": "adapter", "qlora": "adapter", "full": "model", "frozen": "model"}
 
 
+def trained_weights(dest, kind: str, r: int = 4, seed: int = 0):
+    """What the train stage saves, from the tiny model: a LoRA adapter (with the tokenizer and chat template;
+    lora_B nudged off zero so the adapter changes the output) or a whole model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from sftflow.models import load_causal_lm, load_tokenizer, pull
+
+    base = str(pull("tiny-random-llama"))
+    model = load_causal_lm(base)
+    if kind == "adapter":
+        model = get_peft_model(model, LoraConfig(r=r, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 0.5)
+    model.save_pretrained(dest, safe_serialization=True)
+    load_tokenizer(base).save_pretrained(dest)
+    return dest
+
+
 def pipeline_run(tmp_path, method="lora", r=4, metrics=None) -> str:
-    """A parent run shaped like the pipeline's (params, metrics) with a `train` child holding weights."""
+    """A parent run shaped like the pipeline's (params, metrics) with a `train` child holding real weights."""
     exp = mlflow.set_experiment("registry-test")
     kind = SAVED[method]
-    weights = tmp_path / uuid.uuid4().hex / kind
-    weights.mkdir(parents=True)
-    (weights / f"{kind}_model.safetensors").write_bytes(b"weights")
+    weights = trained_weights(tmp_path / uuid.uuid4().hex / kind, kind, r=r)
     with mlflow.start_run(experiment_id=exp.experiment_id, run_name=f"run-r{r}") as parent:
         mlflow.log_params({"train.method": method, "model.base": "tiny-random-llama", "train.lora.r": r})
         mlflow.log_metrics(metrics or {"heldout/delta/label_acc": 0.1})
@@ -48,7 +68,8 @@ def test_a_passing_candidate_becomes_champion_with_its_tags(tmp_path, name):
     assert v.tags["gate.passed"] == "true" and "held-out gain" in v.tags["gate.reasons"]
     assert v.tags["sftflow.dataset_digest"] == "data-a" and v.tags["sftflow.config_hash"] == "cfg-a"
     assert '"held-out label_acc": 0.1' in v.tags["sftflow.eval_summary"]
-    assert v.source.endswith("/adapter") and v.run_id != run_id  # the train stage's run holds the weights
+    # the train stage's run holds the weights; the version is its logged MLflow Model
+    assert v.source.startswith("models:/m-") and v.run_id != run_id
     # the challenger alias is only for candidates that are not champion
     with pytest.raises(Exception):
         client.get_model_version_by_alias(name, "challenger")
@@ -78,7 +99,9 @@ def test_promote_the_challenger_then_roll_back(tmp_path, name):
 @pytest.mark.parametrize("method", ["lora", "qlora", "full", "frozen"])
 def test_each_method_registers_the_folder_training_saved(tmp_path, name, method):
     v = registry.register_candidate(name, pipeline_run(tmp_path, method=method), PASS, fp("a"), {})
-    assert v.source.endswith(f"/{SAVED[method]}") and v.tags["sftflow.kind"] == SAVED[method]
+    assert v.source.startswith("models:/m-") and v.tags["sftflow.kind"] == SAVED[method]
+    logged = MlflowClient().get_logged_model(v.source.removeprefix("models:/"))
+    assert logged.source_run_id == v.run_id and logged.tags["sftflow.kind"] == SAVED[method]
 
 
 def test_clear_errors(tmp_path, name):

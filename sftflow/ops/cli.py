@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 from sftflow import errors
 from sftflow import metrics as names
 from sftflow.ops.cli_ops import ops
+from sftflow.ops.monitor_cli import monitor as monitor_command
 from sftflow.ops.terminal import console, err_console
 
 
@@ -202,6 +203,8 @@ def model_list() -> None:
         console.print(f"{name:28s} {spec['kind']:12s} {'built' if built else 'not built'}")
 
 
+
+app.command("monitor")(monitor_command)
 
 if __name__ == "__main__":
     app()

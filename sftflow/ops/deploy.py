@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -16,6 +17,7 @@ DEFINITIONS = Path("deployments/deployments.yaml")
 class DeploymentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    flow: Literal["sftflow-retrain", "sftflow-monitor"] = "sftflow-retrain"
     description: str = ""
     parameters: dict = {}
     tags: list[str] = []
@@ -52,8 +54,10 @@ def apply(specs: dict[str, DeploymentSpec], pool: str, config_file: str | None =
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
 
+    from sftflow.flows.monitor import monitor
     from sftflow.flows.retrain import retrain
 
+    flows = {f.name: f for f in (retrain, monitor)}
     with get_client(sync_client=True) as client:
         pool_type = client.read_work_pool(pool).type
     # A process worker runs flows in the project directory, so relative configs and data paths resolve.
@@ -64,7 +68,7 @@ def apply(specs: dict[str, DeploymentSpec], pool: str, config_file: str | None =
         schedule = cron or spec.cron
         limit = (ConcurrencyLimitConfig(limit=spec.concurrency_limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
                  if spec.concurrency_limit else None)
-        deployments.append(retrain.to_deployment(
+        deployments.append(flows[spec.flow].to_deployment(
             name, description=spec.description, parameters=parameters,
             tags=[*spec.tags, *allowed(spec, config_file).to_tags()],
             schedules=[CronSchedule(cron=schedule, timezone=spec.timezone)] if spec.cron else None,
@@ -72,4 +76,4 @@ def apply(specs: dict[str, DeploymentSpec], pool: str, config_file: str | None =
             entrypoint_type=EntrypointType.MODULE_PATH))
     ids = deploy(*deployments, work_pool_name=pool, image=image, build=False, push=False,
                  print_next_steps_message=False, ignore_warnings=True)
-    return {f"{retrain.name}/{d.name}": str(i) for d, i in zip(deployments, ids)}
+    return {f"{d.flow_name}/{d.name}": str(i) for d, i in zip(deployments, ids)}

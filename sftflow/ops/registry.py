@@ -1,5 +1,8 @@
 """MLflow model registry: one registered model per pipeline name, one version per candidate.
 
+A version is created from the candidate's LoggedModel (packaging.py: transformers flavor, chat task), so
+`models:/NAME@champion` loads with `mlflow.pyfunc.load_model` and serves with `mlflow models serve`.
+
 Aliases: `champion` is the version in service; `challenger` the latest candidate that is not champion
 (it failed the gate, or awaits a human). The promotion gate's verdict decides; `promote` and `rollback`
 let a human override it. Each version that became champion records the one it replaced
@@ -77,9 +80,12 @@ def register_candidate(name: str, parent_run_id: str, verdict: dict, fingerprint
     fingerprint: {"fingerprint", "dataset_digest", "config_hash"} of the run's data and config.
     summary: {measure: delta} of the run's evaluation, stored as a tag for the registry UI.
     """
+    from sftflow.ops.packaging import log_train_model
+
     client = client or MlflowClient()
     parent, train = _train_run(client, parent_run_id)
     kind = "adapter" if parent.data.params.get("train.method") in ADAPTER_METHODS else "model"
+    logged = log_train_model(client, parent_run_id, train.info.run_id)
     try:
         client.create_registered_model(name, description=f"sftflow pipeline `{name}`: fine-tuned candidates")
     except MlflowException as exc:
@@ -94,9 +100,9 @@ def register_candidate(name: str, parent_run_id: str, verdict: dict, fingerprint
             "gate.passed": str(bool(verdict["passed"])).lower(),
             "gate.reasons": json.dumps(list(verdict.get("reasons", [])))[:4900],
             "mlflow.parent_run_id": parent_run_id}
-    version = client.create_model_version(name, source=f"{train.info.artifact_uri}/{kind}",
-                                          run_id=train.info.run_id, tags=tags,
-                                          description=f"from run {parent.info.run_name}")
+    version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=train.info.run_id,
+                                          tags=tags, description=f"from run {parent.info.run_name}",
+                                          model_id=logged.model_id)
     client.set_registered_model_alias(name, CHALLENGER, str(version.version))
     if verdict["passed"]:
         _move_champion(client, name, str(version.version))
