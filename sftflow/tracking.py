@@ -37,13 +37,20 @@ class RunContext(BaseModel):
         return path
 
 
+# MLflow 3's UI opens an experiment with this tag in its model-training view (not the GenAI evaluation view).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def ensure_experiment(name: str, artifact_root: Path | None) -> str:
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=(artifact_root / name).as_uri() if artifact_root else None)
+    if exp is None:
+        return mlflow.create_experiment(name, tags=dict([EXPERIMENT_KIND]),
+                                        artifact_location=(artifact_root / name).as_uri() if artifact_root else None)
+    if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # created before sftflow tagged its experiments
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def host() -> str:

@@ -33,3 +33,15 @@ def test_runs_of_killed_processes_are_marked_killed_and_others_left_running():
     assert client.get_run(killed).info.status == "KILLED"
     assert {client.get_run(r).info.status for r in (live, elsewhere)} == {"RUNNING"}
     assert close_orphans(exp) == []
+
+
+def test_experiments_open_in_mlflows_model_training_view(tmp_path):
+    import mlflow
+
+    from sftflow.tracking import EXPERIMENT_KIND, ensure_experiment
+
+    fresh = ensure_experiment(f"kind-{tmp_path.name}", None)
+    old = mlflow.create_experiment(f"old-{tmp_path.name}")  # made before sftflow tagged experiments
+    ensure_experiment(f"old-{tmp_path.name}", None)
+    for exp_id in (fresh, old):
+        assert mlflow.get_experiment(exp_id).tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]

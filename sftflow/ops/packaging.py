@@ -16,13 +16,13 @@ from pathlib import Path
 
 from sftflow.errors import UserError
 from sftflow.ops.fence import PICKLE_SUFFIXES
+from sftflow.tracking import EXPERIMENT_KIND
 
 TASK = "llm/v1/chat"  # OpenAI-style chat requests; MLflow applies the tokenizer's chat template
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}
 # Greedy by default, as the held-out evaluation generates: a served answer is the evaluated answer.
 MODEL_CONFIG = {"do_sample": False}
 LINKED_METRICS = ("heldout/", "forgetting/")
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's model-training view
 WEIGHT_FOLDERS = ("merged", "adapter", "model")  # what the train stage saved, most servable first
 REQUIREMENTS = ("torch", "transformers", "accelerate", "peft", "tokenizers", "safetensors")
 
