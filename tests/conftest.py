@@ -3,6 +3,7 @@
 Set before anything imports prefect/mlflow/transformers, which read these variables at import time.
 """
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -77,3 +78,24 @@ def tokens(tmp_path_factory, tiny_model):
     recs = [make_record(i, f"Review {i}: the film was {'great' if i % 2 else 'awful'}.", "POS" if i % 2 else "NEG")
             for i in range(40)]
     return template_splits(d, tiny_model, recs[:32], recs[32:])["paths"]
+
+
+@contextlib.contextmanager
+def deployed(pool: str, extra_specs: dict | None = None):
+    """`sftflow deploy` of deployments/deployments.yaml (plus `extra_specs`) on a real Prefect test server with a
+    process work pool `pool` -> apply()'s result."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.testing.utilities import prefect_test_harness
+
+    from sftflow.ops.deploy import apply, load_specs
+
+    cwd = os.getcwd()
+    os.chdir(REPO)  # allow.roots are relative to where `deploy` runs
+    try:
+        with prefect_test_harness(server_startup_timeout=None):
+            with get_client(sync_client=True) as client:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            yield apply({**load_specs(REPO / "deployments/deployments.yaml"), **(extra_specs or {})}, pool)
+    finally:
+        os.chdir(cwd)

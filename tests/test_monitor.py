@@ -3,20 +3,19 @@ deployment (real Prefect test server) with the new data as a source; a champion 
 Every check is an MLflow run and a step in the champion's LoggedModel metric history."""
 
 import json
-import os
 import uuid
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
+from conftest import deployed
 from mlflow.tracking import MlflowClient
 from test_registry import PASS, fp, pipeline_run
 
 from sftflow.configs.loader import load_config
 from sftflow.flows.monitor import monitor
 from sftflow.ops import registry
-from sftflow.ops.deploy import apply, load_specs
 from sftflow.ops.monitor import MonitorError, judge, read_traffic
 from sftflow.tasks.evaluation.heldout import generate
 
@@ -27,19 +26,8 @@ QUESTIONS = [f"Question {i}: is {i} even? Answer yes or no." for i in range(20)]
 @pytest.fixture(scope="module")
 def deployments():
     """`sftflow deploy`'s deployments (retrain adhoc/nightly and monitor) on a real Prefect server."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.testing.utilities import prefect_test_harness
-
-    cwd = os.getcwd()
-    os.chdir(REPO)  # allow.roots are relative to where `deploy` runs
-    try:
-        with prefect_test_harness(server_startup_timeout=None):
-            with get_client(sync_client=True) as client:
-                client.create_work_pool(WorkPoolCreate(name="monitor-pool", type="process"))
-            yield apply(load_specs(REPO / "deployments/deployments.yaml"), "monitor-pool")
-    finally:
-        os.chdir(cwd)
+    with deployed("monitor-pool") as applied:
+        yield applied
 
 
 def champion_config(tmp_path) -> Path:

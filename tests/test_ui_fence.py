@@ -7,18 +7,18 @@ flow engine in this process (the worker's subprocess would run the same engine o
 """
 
 import json
-import os
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import deployed
 from test_registry import pipeline_run
 
 from sftflow import env
 from sftflow.configs.loader import load_config
 from sftflow.flows.retrain import fingerprint, resolve_config, retrain
 from sftflow.ops import registry
-from sftflow.ops.deploy import DeploymentSpec, apply, load_specs
+from sftflow.ops.deploy import DeploymentSpec
 from sftflow.ops.fence import Fence, violations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,21 +28,8 @@ SMOKE = "configs/smoke.yaml"
 @pytest.fixture(scope="module")
 def deployments():
     """`sftflow deploy`'s deployments (adhoc, nightly as shipped, and one allowing trust_remote_code)."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.testing.utilities import prefect_test_harness
-
-    cwd = os.getcwd()
-    os.chdir(REPO)  # allow.roots are relative to where `deploy` runs
-    try:
-        with prefect_test_harness(server_startup_timeout=None):
-            with get_client(sync_client=True) as client:
-                client.create_work_pool(WorkPoolCreate(name="fence-pool", type="process"))
-            specs = {**load_specs(REPO / "deployments/deployments.yaml"),
-                     "trusting": DeploymentSpec(allow=Fence(trust_remote_code=True))}
-            yield apply(specs, "fence-pool")
-    finally:
-        os.chdir(cwd)
+    with deployed("fence-pool", {"trusting": DeploymentSpec(allow=Fence(trust_remote_code=True))}) as applied:
+        yield applied
 
 
 def run_from(deployment: str, parameters: dict):
