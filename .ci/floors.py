@@ -6,8 +6,12 @@ declared floor is one the tests have run at (not only the newest releases the ma
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 STACK = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
