@@ -136,21 +136,34 @@ def _per_record_reference(q, k, v, cu):
                       for s, e in zip(bounds, bounds[1:])], dim=2).transpose(1, 2)
 
 
+def _varlen_reference(q, k, v, cu_seqlens, max_len, scale):
+    """The fused kernel's contract on the CPU: q/k/v (tokens, heads, dim), causal within each record."""
+    bounds = cu_seqlens.tolist()
+    heads_first = [(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1))
+                   for s, e in zip(bounds, bounds[1:])]
+    return torch.cat([F.scaled_dot_product_attention(*qkv, is_causal=True, scale=scale).transpose(0, 1)
+                      for qkv in heads_first])
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # multi-head, grouped-query (as SmolLM2), multi-query
 def test_varlen_attention_equals_each_record_alone_with_grouped_kv_heads(kv_heads):
+    """The CPU path (sdpa per record) and the fused kernel's layout (a whole row, kv heads expanded) both equal
+    each record attended alone."""
     from types import SimpleNamespace
 
     q, k, v, cu = _rows([5, 9, 3, 7], heads=4, kv_heads=kv_heads)
     module = SimpleNamespace(training=False, num_key_value_groups=4 // kv_heads, is_causal=True)
     out, _ = attention.sdpa_varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9)
-    assert out.shape == (1, 24, 4, 16)
+    flat = attention.flat_attention(q, k, v, cu, 9, None, _varlen_reference, torch.float32)
+    assert out.shape == flat.shape == (1, 24, 4, 16)
     assert torch.allclose(out, _per_record_reference(q, k, v, cu), atol=1e-5)
+    assert torch.allclose(flat, _per_record_reference(q, k, v, cu), atol=1e-5)
 
 
 @cuda_only
 def test_cuda_half_precision_rows_run_the_fused_varlen_kernel_and_match_per_record_attention():
     q, k, v, cu = _rows([64, 200, 17, 128], heads=8, kv_heads=2, dim=64, device="cuda", dtype=torch.bfloat16)
-    assert attention.kernel_for(q.device, q.dtype) is attention._torch_varlen
+    assert attention.fused(q.device, q.dtype)
     module = type("M", (), {"training": False, "num_key_value_groups": 4, "is_causal": True})()
     out, _ = attention.sdpa_varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                                            max_length_q=200)
