@@ -57,6 +57,8 @@ def monitor(config_file: str, data: str, overrides: list[str] | None = None) -> 
         fence.refuse(guard[0], fence.config_file_violations(config_path(config_file), guard[1], PACKAGED_CONFIGS))
         fence.refuse(guard[0], fence.config_file_violations(Path(data), guard[1]))
     cfg = resolve_config(config_file, overrides or [], None, None, None)
+    if guard:  # what the form's overrides made of it
+        fence.refuse(guard[0], fence.violations(cfg, guard[1]))
     env.configure(cfg.offline)
     verdict = check_task(cfg, data)
     logger.info(verdict["reason"])
