@@ -37,6 +37,16 @@ def paired_bootstrap_ci(base: Sequence[float], ft: Sequence[float], iters: int =
     return bootstrap_ci(lambda idx: diff[idx].mean(axis=1), diff.size, iters, level, seed)
 
 
+def unpaired_delta_ci(reference_scores: np.ndarray, new_scores: np.ndarray, iters: int,
+                      seed: int) -> tuple[float, float]:
+    """Percentile 95% CI of mean(new) - mean(reference), each sample resampled on its own."""
+    rng = np.random.default_rng(seed)
+    ref = reference_scores[rng.integers(0, reference_scores.size, (iters, reference_scores.size))].mean(axis=1)
+    new = new_scores[rng.integers(0, new_scores.size, (iters, new_scores.size))].mean(axis=1)
+    low, high = np.percentile(new - ref, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def macro_f1(truth: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
     """Macro-F1 over class ids 0..classes-1 along the last axis (works on a (B, n) stack of resamples);
     a class with no true and no predicted items scores 0, as sklearn's zero_division=0."""

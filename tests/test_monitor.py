@@ -104,6 +104,9 @@ def test_bad_traffic_records_are_rejected_with_file_line_and_reason(tmp_path):
     path.write_text("\n".join([good] * 20 + ["{not json"]) + "\n")
     records, rejects = read_traffic(path, max_error_share=0.05)
     assert len(records) == 20 and len(rejects) == 1 and rejects[0]["where"] == f"{path}:21"
+    path.write_bytes(("\n".join([good] * 20) + "\n").encode() + b'{"messages": "caf\xe9"}\n')  # Latin-1 byte
+    records, rejects = read_traffic(path, max_error_share=0.05)
+    assert len(records) == 20 and rejects[0]["where"] == f"{path}:21" and "not UTF-8" in rejects[0]["reason"]
     path.write_text("\n".join([good] * 5 + ['{"messages": [{"role": "user", "content": "no answer"}]}', "[1]"]))
     with pytest.raises(MonitorError, match=r"2 of 7 records are unusable(.|\n)*t.jsonl:6: no reference(.|\n)*:7: wrong"):
         read_traffic(path, max_error_share=0.05)

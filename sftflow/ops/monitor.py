@@ -8,12 +8,12 @@ counts when the point drop exceeds `monitor.margin` and the whole CI lies below 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from sftflow import stats
 from sftflow.configs.schema import PipelineConfig
 from sftflow.errors import UserError
 from sftflow.ops import registry
@@ -30,33 +30,27 @@ def read_traffic(path: Path, max_error_share: float) -> tuple[list[dict], list[d
     """Labelled records in any format the load stage reads -> (records, rejects with file:line and reason);
     stops when more than max_error_share of the lines are bad, listing them."""
     from sftflow.tasks.data.load import BadRow, normalise
+    from sftflow.tasks.data.readers import Bad, read_rows
 
     if not path.is_file():
         raise MonitorError(f"monitor data not found: {path}")
     records, rejects = [], []
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    for n, line in lines:
+    for n, row in read_rows(path):  # one unreadable line (invalid JSON, not UTF-8, oversize) costs that line
         try:
-            messages, label, _ = normalise(json.loads(line))
+            if isinstance(row, Bad):
+                raise BadRow(row.reason)
+            messages, label, _ = normalise(row)
             if label is None and messages[-1]["role"] != "assistant":
                 raise BadRow("no reference: neither a label nor a final assistant turn")
             records.append({"id": f"{path.name}:{n}", "messages": messages, "label": label})
-        except (json.JSONDecodeError, BadRow) as exc:
+        except BadRow as exc:
             rejects.append({"where": f"{path}:{n}", "reason": str(exc)})
-    if not records or len(rejects) > max_error_share * len(lines):
+    total = len(records) + len(rejects)
+    if not records or len(rejects) > max_error_share * total:
         shown = "\n  ".join(f"{r['where']}: {r['reason']}" for r in rejects[:20])
-        raise MonitorError(f"{path}: {len(rejects)} of {len(lines)} records are unusable (limit "
+        raise MonitorError(f"{path}: {len(rejects)} of {total} records are unusable (limit "
                            f"{max_error_share:.0%}):\n  {shown}")
     return records, rejects
-
-
-def unpaired_delta_ci(reference_scores: np.ndarray, new_scores: np.ndarray, iters: int, seed: int) -> tuple[float, float]:
-    """Percentile 95% CI of mean(new) - mean(reference), each sample resampled on its own."""
-    rng = np.random.default_rng(seed)
-    ref = reference_scores[rng.integers(0, reference_scores.size, (iters, reference_scores.size))].mean(axis=1)
-    new = new_scores[rng.integers(0, new_scores.size, (iters, new_scores.size))].mean(axis=1)
-    low, high = np.percentile(new - ref, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def version_score(version, metric: str) -> tuple[float, int, str]:
@@ -75,7 +69,7 @@ def judge(score: float, reference_score: float, reference_n: int, scores: list[f
           iters: int = 2000, seed: int = 0) -> dict:
     ones = round(reference_score * reference_n)
     ref = np.array([1.0] * ones + [0.0] * (reference_n - ones))
-    low, high = unpaired_delta_ci(ref, np.asarray(scores, dtype=float), iters, seed)
+    low, high = stats.unpaired_delta_ci(ref, np.asarray(scores, dtype=float), iters, seed)
     delta = score - reference_score
     dropped = delta < -margin and high < 0
     reason = (f"score {score:.4f} vs held-out {reference_score:.4f}: delta {delta:+.4f} "
