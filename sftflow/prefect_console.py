@@ -33,6 +33,8 @@ class QuietUserErrorsConsoleHandler(PrefectConsoleHandler):
     def emit(self, record: logging.LogRecord) -> None:
         if not errors.DEBUG and is_user_error_record(record):
             return
+        if getattr(self.stream, "closed", False):  # a temporary server stopping at exit, after stdout closed
+            return
         super().emit(record)
 
     def format(self, record: logging.LogRecord) -> str:

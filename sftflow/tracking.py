@@ -46,11 +46,30 @@ def ensure_experiment(name: str, artifact_root: Path | None) -> str:
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        return mlflow.create_experiment(name, tags=dict([EXPERIMENT_KIND]),
-                                        artifact_location=(artifact_root / name).as_uri() if artifact_root else None)
+        try:
+            return mlflow.create_experiment(name, tags=dict([EXPERIMENT_KIND]), artifact_location=(
+                artifact_root / name).as_uri() if artifact_root else None)
+        except mlflow.exceptions.MlflowException:  # another run created it between the lookup and the insert
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # created before sftflow tagged its experiments
         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+def unique_race_retry(fn: Callable, attempts: int = 5):
+    """MLflow's SQL store checks then inserts (datasets, inputs): two runs logging the same row at once make
+    one fail on the UNIQUE constraint; on the next try the row exists and is reused."""
+    import mlflow
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except mlflow.exceptions.MlflowException as e:
+            if "UNIQUE constraint" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def host() -> str:

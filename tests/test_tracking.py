@@ -45,3 +45,37 @@ def test_experiments_open_in_mlflows_model_training_view(tmp_path):
     ensure_experiment(f"old-{tmp_path.name}", None)
     for exp_id in (fresh, old):
         assert mlflow.get_experiment(exp_id).tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1]
+
+
+def test_runs_logging_one_dataset_at_once_all_succeed_and_share_one_row():
+    """MLflow's SQL store checks for a dataset then inserts it: runs racing on one dataset must not fail."""
+    import threading
+
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import DatasetInput
+
+    from sftflow.tracking import unique_race_retry
+
+    exp = ensure_experiment("dataset-race", None)
+    client = MlflowClient()
+    dataset = mlflow.data.from_pandas(pd.DataFrame({"x": [1, 2, 3]}), source="/data/train.jsonl", name="train")
+    entity = DatasetInput(dataset._to_mlflow_entity())
+    runs = [client.create_run(exp).info.run_id for _ in range(6)]
+    barrier, errors = threading.Barrier(len(runs)), []
+
+    def log(run_id):
+        barrier.wait()
+        try:
+            unique_race_retry(lambda: client.log_inputs(run_id, datasets=[entity]))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    digests = {i.dataset.digest for r in runs for i in client.get_run(r).inputs.dataset_inputs}
+    assert digests == {dataset.digest}

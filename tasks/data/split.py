@@ -25,7 +25,7 @@ from sftflow.stagecache import cached
 from sftflow.tasks.data import decontam
 from sftflow.tasks.data.ledger import account, dominant_lines, markdown
 from sftflow.tasks.data.load import DataError
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage_task, unique_race_retry
 
 SPLITS = ("train", "val", "test")
 
@@ -137,7 +137,7 @@ def log_datasets(paths: dict[str, Path]) -> None:
         with warnings.catch_warnings():  # a local path fits two equivalent local source types; either is right
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(df, source=str(path), name=name)
-        mlflow.log_input(dataset, context=name)
+        unique_race_retry(lambda: mlflow.log_input(dataset, context=name))
 
 
 def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, bench_targets: dict,
