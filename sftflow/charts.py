@@ -15,17 +15,35 @@ def _pyplot():
     return plt
 
 
-def plot_deltas(rows: list[dict], path: Path, title: str) -> Path:
+SCOPE_COLOURS = {"benchmark": "tab:blue", "category": "lightsteelblue", "subtask": "tab:gray"}
+
+
+def plot_deltas(rows: list[dict], path: Path, title: str) -> list[Path]:
+    """Forgetting rows (scope benchmark, category or subtask) -> `path`: the benchmarks and categories, whose
+    CIs rest on every item; `<path stem>_subtasks.png`: the subtasks (a few items each, so wide CIs), kept apart so
+    they do not outweigh the totals. -> the charts written."""
+    totals = [r for r in rows if r["scope"] != "subtask"]
+    subtasks = [r for r in rows if r["scope"] == "subtask"]
+    written = [_delta_bars(totals or subtasks, path, title)]
+    if totals and subtasks:
+        written.append(_delta_bars(subtasks, subtask_chart(path), f"{title}: subtasks"))
+    return written
+
+
+def subtask_chart(path: Path) -> Path:
+    return path.with_name(f"{path.stem}_subtasks{path.suffix}")
+
+
+def _delta_bars(rows: list[dict], path: Path, title: str) -> Path:
     """Horizontal bars of delta with 95% CI whiskers, one per row; significant drops in red."""
     plt = _pyplot()
 
     rows = list(reversed(rows))  # first row on top
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.22 * len(rows)))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.22 * max(len(rows), 3)))
     ys = range(len(rows))
     deltas = [r["delta"] for r in rows]
     errs = [[r["delta"] - r["ci_low"] for r in rows], [r["ci_high"] - r["delta"] for r in rows]]
-    colours = ["tab:red" if r["significant_drop"] else "tab:blue" if r["scope"] != "subtask" else "tab:gray"
-               for r in rows]
+    colours = ["tab:red" if r["significant_drop"] else SCOPE_COLOURS.get(r["scope"], "tab:gray") for r in rows]
     ax.barh(list(ys), deltas, xerr=errs, color=colours, ecolor="black", capsize=2, height=0.7)
     ax.set_yticks(list(ys), [f"{r['name']} (n={r['n']})" for r in rows], fontsize=7)
     ax.axvline(0, color="black", linewidth=0.8)

@@ -203,7 +203,30 @@ def run_stage(name: str, fn: Callable, ctx: RunContext, *args, **kwargs) -> dict
     MlflowClient().log_batch(ctx.parent_run_id, metrics=[
         mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()])
     result["metrics"] = metrics
+    log_summary(name, metrics, duration)
     return result
+
+
+STAGE_LOGGER = "sftflow.stages"
+
+
+def log_summary(name: str, metrics: dict, duration: float) -> None:
+    """One INFO line with the stage's key figures: in a Prefect task on its run logger (the Prefect UI shows it),
+    else on `sftflow.stages`. The record carries the parts (`sftflow_stage`) for the terminal's progress line."""
+    import logging
+
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    from sftflow.stage_summary import cache_hit, stage_summary
+
+    hit, summary = cache_hit(name, metrics), stage_summary(name, metrics)
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger(STAGE_LOGGER)
+    logger.info("%s: %s%.1f s%s", name, "cache hit, " if hit else "", duration, f"; {summary}" if summary else "",
+                extra={"sftflow_stage": {"stage": name, "cache_hit": hit, "duration_s": duration, "summary": summary}})
 
 
 def stage_task(fn: Callable, name: str, **task_kwargs) -> Callable:

@@ -102,6 +102,31 @@ def test_prefect_knows_the_run_and_its_mlflow_link(smoke_run):
 
 
 @pytest.mark.e2e
+def test_each_prefect_task_logs_its_stage_summary(smoke_run):
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    _, _, flow_run_id = smoke_run
+    logs: dict[str, str] = {}
+    for _ in range(20):  # Prefect's API handler ships logs in the background
+        with get_client(sync_client=True) as client:
+            found = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+        logs = {log.message.split(":")[0]: log.message for log in found if log.task_run_id
+                and log.message.split(":")[0] in STAGES}
+        if set(logs) == STAGES:
+            break
+        time.sleep(0.5)
+    assert set(logs) == STAGES, logs
+    assert "80 records, 0 rejected" in logs["load"] and "80 kept" in logs["curate"]
+    assert "train 60 / val 8 / test 12" in logs["split"]
+    assert "6 steps, final loss" in logs["train"] and "label_acc: base" in logs["heldout"]
+    assert "mmlu acc: base" in logs["benchmarks"] and "tasks cached" in logs["benchmarks"]
+    assert logs["gate"].endswith("failed") or logs["gate"].endswith("passed")
+
+
+@pytest.mark.e2e
 def test_a_second_run_gets_its_own_directory_and_reuses_the_base_results(smoke_run, data_root):
     from sftflow.flows.sft_pipeline import sft_pipeline
 

@@ -15,7 +15,8 @@ from sftflow import errors
 from sftflow import metrics as names
 from sftflow.ops.cli_ops import ops
 from sftflow.ops.monitor_cli import monitor as monitor_command
-from sftflow.ops.terminal import console, err_console
+from sftflow.ops import terminal
+from sftflow.ops.terminal import RunOutput, console, err_console
 
 
 class UserErrorsHandled(TyperGroup):
@@ -47,7 +48,11 @@ app.add_typer(ops)  # servers, deployments, registry, comparison: top-level comm
 
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of user errors (and Prefect's "
-                                                             "failure logs) on the terminal")] = False) -> None:
+                                                             "failure logs) on the terminal; implies --verbose")] = False,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every library's output during a run "
+                                               "(by default one line per stage; the rest goes to the run's run.log)")]
+         = False) -> None:
+    terminal.VERBOSE = verbose or debug
     if debug:
         import os
 
@@ -94,13 +99,16 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     from sftflow.redact import scrub
 
     start = time.perf_counter()
-    result = sft_pipeline(config=cfg)
+    with RunOutput("run") as output:
+        result = sft_pipeline(config=cfg)
+        output.run_dir = result["run_dir"]
     print_summary(result["rows"], f"sftflow {cfg.name}: base vs fine-tuned")
     gate = result["gate"]
     console.print(f"promotion gate: {'[green]passed' if gate['passed'] else '[red]failed'}[/] "
                   f"({'; '.join(gate['reasons'])})")
     console.print(result["eval_timing"])
-    console.print(f"wall time {time.perf_counter() - start:.0f} s; run dir {result['run_dir']}")
+    console.print(f"wall time {time.perf_counter() - start:.0f} s; run dir {result['run_dir']}"
+                  + ("" if terminal.VERBOSE else f"; log {output.log_path}"), soft_wrap=True)
     if record:
         console.print(f"MLflow run {result['mlflow_run_id']}: {record['mlflow_url']}   Prefect: {record['prefect_url']}")
         return
@@ -121,7 +129,9 @@ def curate(config: ConfigArg, set_: SetOpt = None) -> None:
     env.configure(cfg.offline)
     from sftflow.flows.sft_pipeline import curate_pipeline
 
-    result = curate_pipeline(config=cfg)
+    with RunOutput("curate") as output:
+        result = curate_pipeline(config=cfg)
+        output.run_dir = result["run_dir"]
     console.print(Markdown(result["report_md"]))
     console.print(f"splits: {', '.join(result['paths'].values())}\nMLflow run {result['mlflow_run_id']}",
                   soft_wrap=True)  # paths stay whole, to copy
@@ -141,7 +151,9 @@ def eval_(config: ConfigArg,
     env.configure(cfg.offline)
     from sftflow.flows.evaluate import evaluate_model
 
-    result = evaluate_model(config=cfg, model=model, baseline=baseline)
+    with RunOutput("eval") as output:
+        result = evaluate_model(config=cfg, model=model, baseline=baseline)
+        output.run_dir = result["run_dir"]
     print_sweep(result, result["models"], f"sftflow eval {model}")
     console.print(f"run dir {result['run_dir']}; MLflow run {result['mlflow_run_id']}; "
                   "lm-eval wall time " + ", ".join(

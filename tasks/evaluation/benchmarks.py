@@ -78,8 +78,8 @@ def benchmarks(models: dict[str, ModelRef], cfg: EvalConfig, out_dir: Path,
             rows[tag] = forgetting_rows(items["base"], items[tag], cfg.bootstrap_iters, cfg.alpha, cfg.seed)
             metrics.update(forgetting_metrics(rows[tag], tag))
             (out_dir / f"forgetting_{tag}.md").write_text(to_markdown(rows[tag], tag, cfg.alpha) + "\n")
-            plot_deltas(rows[tag], out_dir / f"forgetting_{tag}.png", f"{tag} minus base (95% CI)")
-            artifacts += [out_dir / f"forgetting_{tag}.md", out_dir / f"forgetting_{tag}.png"]
+            artifacts += [out_dir / f"forgetting_{tag}.md",
+                          *plot_deltas(rows[tag], out_dir / f"forgetting_{tag}.png", f"{tag} minus base (95% CI)")]
         (out_dir / "forgetting.json").write_text(json.dumps(rows, indent=2))
         artifacts.append(out_dir / "forgetting.json")
     (out_dir / "benchmarks.json").write_text(json.dumps(metrics, indent=2))
