@@ -27,7 +27,7 @@ from pathlib import Path
 THRESHOLD, NUM_PERM, SHINGLE, PLANTED = 0.7, 128, 3, 1000
 
 
-def corpus(data_root: Path, out: Path) -> None:
+def corpus(data_root: Path, out: Path, max_records: int | None = None) -> None:
     from sftflow.configs.schema import DataConfig, Source
     from sftflow.records import read_jsonl
     from sftflow.tasks.data.curate import dedup_text
@@ -36,13 +36,15 @@ def corpus(data_root: Path, out: Path) -> None:
     loaded = load(DataConfig(root=str(data_root), sources=[Source(path="natural-instructions/tasks/*.json")]),
                   out.parent / "load")
     records = list(read_jsonl(Path(loaded["records"])))
+    if max_records:  # a seeded sample (--quick runs of `python -m benchmarks`)
+        records = random.Random(1).sample(records, min(max_records, len(records)))
     texts = [dedup_text(r) for r in records]
     ids = [r["id"] for r in records]
     rng = random.Random(0)
     # plant copies of records whose own text (after the shared definition) is long enough to judge
     candidates = [i for i, r in enumerate(records) if len(r["messages"][0]["content"].split("\n\n")[-1].split()) >= 40]
     planted = []
-    for k, i in enumerate(rng.sample(candidates, PLANTED)):
+    for k, i in enumerate(rng.sample(candidates, min(PLANTED, len(candidates) // 2))):
         ws = texts[i].split(" ")
         j = len(ws) - 1 - rng.randrange(30)  # inside the record's own text, which comes last
         ws[j] = "planted"
@@ -109,7 +111,7 @@ def worker(method: str, corpus_path: str, repeats: int) -> None:
     where = {i: n for n, c in enumerate(clusters) for i in c}
     found = sum(a in where and where.get(a) == where.get(b) for a, b in data["planted"])
     print(json.dumps({"method": method, "median_s": statistics.median(times), "times": times,
-                      "records": len(data["texts"]), "recall": found / len(data["planted"]),
+                      "records": len(data["texts"]), "planted": len(data["planted"]), "recall": found / len(data["planted"]),
                       "clusters": len(clusters), "clustered": sum(map(len, clusters)),
                       "peak_rss_mib": peak / 1024, "rss_above_start_mib": (peak - base_rss) / 1024}))
 
@@ -118,6 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-records", type=int, help="a seeded sample of the corpus (default: all of it)")
     ap.add_argument("--worker", nargs=2)
     args = ap.parse_args()
     if args.worker:
@@ -125,7 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("SFTFLOW_HOME", tmp)  # load()'s cache entries go away with the run
         path = Path(tmp) / "corpus.json"
-        corpus(Path(args.data_root), path)
+        corpus(Path(args.data_root), path, args.max_records)
         results = {}
         for method in ("sftflow", "datasketch"):
             proc = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--worker", method,
@@ -133,7 +136,7 @@ def main() -> None:
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(json.dumps(results[method]))
     s, d = results["sftflow"], results["datasketch"]
-    print(f"\n{s['records']} records ({PLANTED} planted near duplicates)")
+    print(f"\n{s['records']} records ({s['planted']} planted near duplicates)")
     print(f"sftflow {s['records'] / s['median_s']:.0f} records/s (median {s['median_s']:.2f} s, recall "
           f"{s['recall']:.3f}, peak RSS {s['peak_rss_mib']:.0f} MiB, +{s['rss_above_start_mib']:.0f})")
     print(f"datasketch {d['records'] / d['median_s']:.0f} records/s (median {d['median_s']:.2f} s, recall "

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -46,3 +48,25 @@ def test_gpu_check_trains_each_method_and_says_what_it_ran(tmp_path, tiny_model)
         assert re.search(rf"^{method}\S*\s+(fp32|bf16|fp16)\s+\S+", out, re.M), f"no row for {method}:\n{out}"
     if not torch.cuda.is_available():
         assert "no CUDA" in out and "skipped: qlora" in out and "skipped: FSDP" in out
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_the_harness_runs_every_benchmark_in_quick_mode_and_writes_its_json(tmp_path, tiny_model):
+    """`python -m benchmarks --quick`: P1-P6 and E1 measured (smoke config, tiny model), one table, one JSON."""
+    import json
+
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], env=env,
+                          cwd=BENCH.parent, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "quick" and result["errors"] == [] and "CPU cores" in result["machine"]
+    rows = {r["id"]: r for r in result["results"]}
+    assert set(rows) == {"P1", "P2", "P3", "P4", "P5", "P6", "E1"}
+    assert all(r["value"] > 0 for r in rows.values()), rows
+    assert 0.05 < rows["P6"]["value"] < 8  # GiB: the tiny model's flow, Prefect server included
+    assert rows["P2"]["value"] < 1.5  # the rerun finds the data, the training and the base's scores cached
+    for key in rows:
+        assert re.search(rf"^\| {key} \|", proc.stdout, re.M), proc.stdout
