@@ -62,8 +62,8 @@ def test_a_cli_run_prints_a_line_per_stage_and_keeps_the_rest_in_run_log(tmp_pat
         assert re.search(rf"^✓ {stage}\s+[\d.]+ s", proc.stdout, re.M), proc.stdout
     assert "80 records, 0 rejected" in proc.stdout
     terminal = proc.stdout + proc.stderr
-    for chatter in ("Task run", "Finished in state", "Starting temporary server", "Writing model shards",
-                    "Creating initial MLflow database"):
+    for chatter in ("Task run", "Finished in state", "Starting temporary server", "Stopping temporary server",
+                    "Writing model shards", "Creating initial MLflow database"):
         assert chatter not in terminal, terminal
     [log] = (tmp_path / "runs").glob("*/run.log")
     text = log.read_text()

@@ -85,6 +85,7 @@ def print_summary(rows: list[dict], title: str) -> None:
 @app.command()
 def run(config: ConfigArg, set_: SetOpt = None) -> None:
     """Run the whole pipeline (a Prefect flow; local Prefect and MLflow unless configured otherwise)."""
+    terminal.quiet_prefect()
     import os
     import time
 
@@ -121,6 +122,7 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
 @app.command()
 def curate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Run only the data stage (load, pre-flight, filters, dedup, split, decontamination); print its report."""
+    terminal.quiet_prefect()
     from rich.markdown import Markdown
 
     from sftflow import env
@@ -145,6 +147,7 @@ def eval_(config: ConfigArg,
                                                       "forgetting with CIs")] = False,
           set_: SetOpt = None) -> None:
     """Run only the benchmark sweep (eval.mmlu, eval.bbh, eval.tasks) for one model, tracked in MLflow."""
+    terminal.quiet_prefect()
     from sftflow import env
 
     cfg = _load(config, set_)

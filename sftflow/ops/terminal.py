@@ -27,6 +27,15 @@ STAGE_LOGGERS = ("prefect.task_runs", "sftflow.stages")  # where tracking.log_su
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def quiet_prefect() -> None:
+    """Prefect's console handler at WARNING for this process unless verbose, its INFO lines at exit included
+    (RunOutput still logs them to run.log). Prefect reads the setting when it is first imported."""
+    import os
+
+    if not VERBOSE:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+
+
 def _console_for(stream) -> Console:
     return Console(file=stream, width=None if stream.isatty() else 200)
 
