@@ -75,6 +75,7 @@ def test_real_lm_eval_sweep_on_tiny_model(tmp_path, data_root, tiny_model):
     assert {(r["scope"], r["name"]) for r in rows} == {
         ("benchmark", "mmlu"), ("benchmark", "bbh"), ("category", "mmlu_stem"), ("category", "mmlu_other"),
         ("subtask", "mmlu/anatomy"), ("subtask", "mmlu/virology"), ("subtask", "bbh/navigate")}
+    assert (tmp_path / "forgetting_ft_subtasks.png").stat().st_size > 1000  # the subtasks apart from the totals
     assert (tmp_path / "forgetting_ft.png").stat().st_size > 1000 and "| benchmark | mmlu |" in \
         (tmp_path / "forgetting_ft.md").read_text()
 

@@ -54,7 +54,8 @@ def test_mlflow_records_a_parent_run_with_a_child_per_stage(smoke_run):
     assert sorted(i.dataset.name for i in client.get_run(by_name["split"].info.run_id).inputs.dataset_inputs) == \
         ["test", "train", "val"]
     expected = {"split": ["manifest.json"], "curate": ["curation_counts.json"], "train": ["training_curves.png"],
-                "benchmarks": ["benchmarks.json", "forgetting.json", "forgetting_ft.md", "forgetting_ft.png"],
+                "benchmarks": ["benchmarks.json", "forgetting.json", "forgetting_ft.md", "forgetting_ft.png",
+                               "forgetting_ft_subtasks.png"],
                 "heldout": ["predictions.jsonl", "examples.md", "heldout.json"], "gate": ["gate.json"],
                 "report": ["summary.json", "summary.md"]}
     for stage, artifacts in expected.items():
