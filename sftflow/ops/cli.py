@@ -15,6 +15,7 @@ from sftflow import errors
 from sftflow import metrics as names
 from sftflow.ops.cli_ops import ops
 from sftflow.ops.monitor_cli import monitor as monitor_command
+from sftflow.ops.sweep_cli import sweep as sweep_command
 from sftflow.ops.terminal import console, err_console
 
 
@@ -205,6 +206,7 @@ def model_list() -> None:
 
 
 app.command("monitor")(monitor_command)
+app.command("sweep")(sweep_command)
 
 if __name__ == "__main__":
     app()
