@@ -72,12 +72,12 @@ def run_trial(study, spec: space.SweepSpec, config_file: str, base_overrides: li
     trial.set_user_attr(study_state.RUN_ID, run_id)
     study_state.record_trial(run_id, trial.number, study.study_name, params, scored)
     study.tell(trial, scored["gain"])
-    logger.info(f"trial {trial.number} {params}: gain {scored['gain']:+.4f}, worst forgetting "
-                f"{scored['worst_forgetting']:+.4f}, gate {'passed' if scored['passed'] else 'failed'}")
+    logger.info(f"trial {trial.number} {params}: gain {pareto.fmt(scored['gain'], True)}, worst forgetting "
+                f"{pareto.fmt(scored['worst_forgetting'], True)}, gate {'passed' if scored['passed'] else 'failed'}")
     return {"trial": trial.number, "params": params, "state": "COMPLETE", "run_id": run_id, **scored}
 
 
-def run_trials(study, spec: space.SweepSpec, todo: int, concurrency: int, run_one) -> None:
+def run_trials(todo: int, concurrency: int, run_one) -> None:
     """`todo` trials, at most `concurrency` at once (threads, each subflow in a copy of this flow's context)."""
     if concurrency <= 1:
         for _ in range(todo):
@@ -157,7 +157,7 @@ def sweep(config_file: str = "configs/demo.yaml", space_file: str = "configs/swe
     todo = max(0, spec.trials() - done)
     logger.info(f"sweep {name}: {done} trial(s) finished before, {todo} to run; MLflow run {sweep_run_id}")
     try:
-        run_trials(study, spec, todo, spec.concurrency or space.default_concurrency(),
+        run_trials(todo, spec.concurrency,
                    lambda: run_trial(study, spec, config_file, base_overrides, sweep_run_id, guard, state))
         run_dir = state / "sweeps" / name
         run_dir.mkdir(parents=True, exist_ok=True)

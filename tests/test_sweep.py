@@ -70,6 +70,8 @@ def test_the_score_is_the_gates_gain_and_each_benchmarks_drop_beyond_its_allowan
     assert small_gain["feasible"] and not small_gain["passed"]  # feasible on forgetting, gain below the minimum
     unmeasured = pareto.score(metrics(0.2, 0.0, None), gate)
     assert unmeasured["constraints"][1] == pareto.UNMEASURED and not unmeasured["feasible"]
+    unbounded = pareto.score(metrics(0.2, -0.5, -0.5), gate.model_copy(update={"max_forgetting": {}}))
+    assert unbounded["worst_forgetting"] == 0.0 and unbounded["constraints"] == [] and unbounded["feasible"]
     pessimistic = pareto.score(metrics(0.2, 0.0, 0.0), gate.model_copy(update={"bound": "ci"}))
     assert pessimistic["gain"] == pytest.approx(0.1) and pessimistic["worst_forgetting"] == pytest.approx(0.2)
 
@@ -97,9 +99,10 @@ def test_the_best_trial_passes_the_gate_with_the_largest_gain_and_less_forgettin
 
 def test_the_table_lists_trials_by_gain_with_the_front_marked_and_failures_last():
     results = [result(0, 0.10, 0.00, True), result(1, 0.15, 0.06),
-               {"trial": 2, "params": {"r": 2}, "gain": None, "worst_forgetting": None, "state": "FAIL", "run_id": None}]
+               {"trial": 2, "params": {"r": 2}, "gain": None, "worst_forgetting": None, "state": "FAIL",
+                "run_id": None}]
     lines = pareto.table(results, ["r"]).splitlines()
     assert lines[0] == "| trial | r | gain | worst forgetting | feasible | gate | Pareto | state | MLflow run |"
     assert lines[2] == "| 1 | 1 | +0.1500 | +0.0600 | no | failed | ★ | COMPLETE | run1 |"
     assert lines[3] == "| 0 | 0 | +0.1000 | +0.0000 | yes | passed | ★ | COMPLETE | run0 |"
-    assert lines[4] == "| 2 | 2 | — | — | — | — | | FAIL | — |".replace("| |", "|  |")
+    assert lines[4] == "| 2 | 2 | — | — | — | — |  | FAIL | — |"

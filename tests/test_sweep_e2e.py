@@ -38,6 +38,10 @@ def nested(sweep_run_id: str) -> list:
     return sorted((r for r in runs if "sweep.trial" in r.data.params), key=lambda r: int(r.data.params["sweep.trial"]))
 
 
+def nested_experiment(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.experiment_id
+
+
 def study(cfg_overrides: list[str], space: Path):
     import optuna
 
@@ -95,7 +99,7 @@ def test_a_constrained_tpe_study_runs_four_trials_and_registers_the_best_as_chal
     best = result["best"]
     assert best["gain"] == max(t.value for t in trials)
     version = MlflowClient().get_model_version_by_alias("smoke-tpe", registry.CHALLENGER)
-    assert version.version == str(result["registered_version"]) and version.tags["mlflow.parent_run_id"] == \
+    assert str(version.version) == str(result["registered_version"]) and version.tags["mlflow.parent_run_id"] == \
         best["run_id"]
     assert registry.champion("smoke-tpe") is None  # the sweep proposes; a human promotes
 
@@ -131,12 +135,16 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(prefect_server, 
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "sweep.log", "w"))
     deadline = time.time() + 600
     try:
-        while time.time() < deadline:  # the first trial finished and the second one is training
+        while time.time() < deadline:  # the first trial finished and the second one's pipeline run started
             try:
-                trials = study(overrides, space).get_trials()
+                running = study(overrides, space)
             except KeyError:  # the study does not exist yet
-                trials = []
-            if [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING]:
+                running = None
+            trials = running.get_trials() if running else []
+            if [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING] and MlflowClient().search_runs(
+                    [nested_experiment(running.user_attrs[study_state.RUN_ID])], filter_string=(
+                        f"tags.mlflow.parentRunId = '{running.user_attrs[study_state.RUN_ID]}' "
+                        "and attributes.status = 'RUNNING'")):
                 break
             assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
             time.sleep(0.5)

@@ -24,7 +24,8 @@ def score(metrics: dict, gate: GateConfig) -> dict:
     drops = [c for c in v["checks"] if c["check"].startswith("forgetting:")]
     constraints = [UNMEASURED if c["value"] is None else c["threshold"] - c["value"] for c in drops]
     measured = [-c["value"] for c in drops if c["value"] is not None]
-    return {"gain": gain, "worst_forgetting": max(measured) if measured else None, "constraints": constraints,
+    worst = max(measured) if measured else (None if drops else 0.0)  # no benchmark bounded: nothing to forget
+    return {"gain": gain, "worst_forgetting": worst, "constraints": constraints,
             "feasible": all(c <= 0 for c in constraints), "passed": v["passed"], "reasons": v["reasons"]}
 
 
@@ -47,7 +48,7 @@ def best(results: list[dict]) -> dict | None:
     return max(passing, key=lambda r: (r["gain"], -r["worst_forgetting"]), default=None)
 
 
-def _fmt(value, signed: bool = False) -> str:
+def fmt(value, signed: bool = False) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
@@ -64,8 +65,8 @@ def table(results: list[dict], param_names: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         scored = r.get("gain") is not None
-        cells = [str(r["trial"]), *(_fmt(r.get("params", {}).get(n)) for n in param_names),
-                 _fmt(r.get("gain"), True), _fmt(r.get("worst_forgetting"), True),
+        cells = [str(r["trial"]), *(fmt(r.get("params", {}).get(n)) for n in param_names),
+                 fmt(r.get("gain"), True), fmt(r.get("worst_forgetting"), True),
                  ("yes" if r.get("feasible") else "no") if scored else "—",
                  ("passed" if r.get("passed") else "failed") if scored else "—",
                  "★" if id(r) in front else "", r.get("state", ""), r.get("run_id") or "—"]

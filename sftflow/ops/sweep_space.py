@@ -8,7 +8,7 @@ params:                  # dotted config keys, as `--set` takes them
   train.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}
   train.max_steps: {type: int, low: 4, high: 12, step: 4}
 overrides: [eval.mmlu.limit=10]   # applied to every trial, before its own values
-concurrency: 1                    # trials at once; default 1 on CPU, one per GPU
+concurrency: 1                    # trials at once (threads of this process); default 1
 ```
 The file may also hold these keys under a top-level `sweep:` section.
 """
@@ -67,7 +67,9 @@ class SweepSpec(BaseModel):
     n_trials: int | None = Field(None, ge=1, description="grid: defaults to the number of grid points")
     seed: int = 0
     overrides: list[str] = Field([], description="`key=value` applied to every trial (e.g. smaller eval limits)")
-    concurrency: int | None = Field(None, ge=1, description="trials at once; default 1 on CPU, one per GPU")
+    # Trials at once share this process (threads); training keeps process-wide device state (Accelerate's), so
+    # one trial per GPU would need a process per trial: not done yet.
+    concurrency: int = Field(1, ge=1, description="trials at once (threads of the sweep's process)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -161,10 +163,3 @@ def overrides(params: dict) -> list[str]:
     """A trial's sampled values as `--set` overrides (YAML scalars, so 1e-3 stays a float)."""
     return [f"{name}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
             for name, value in params.items()]
-
-
-def default_concurrency() -> int:
-    """One trial at a time on CPU; one per GPU where there are several."""
-    import torch
-
-    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
