@@ -106,3 +106,24 @@ def test_the_table_lists_trials_by_gain_with_the_front_marked_and_failures_last(
     assert lines[2] == "| 1 | 1 | +0.1500 | +0.0600 | no | failed | ★ | COMPLETE | run1 |"
     assert lines[3] == "| 0 | 0 | +0.1000 | +0.0000 | yes | passed | ★ | COMPLETE | run0 |"
     assert lines[4] == "| 2 | 2 | — | — | — | — |  | FAIL | — |"
+
+
+def test_the_cli_refuses_a_bad_space_with_one_message_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from sftflow.ops.cli import app
+
+    assert "--n-trials" in CliRunner().invoke(app, ["sweep", "--help"]).output
+    path = tmp_path / "space.yaml"
+    path.write_text("sampler: grid\nparams: {train.lora.r: []}\n")
+    result = CliRunner().invoke(app, ["sweep", str(REPO / "configs" / "smoke.yaml"), str(path)])
+    assert result.exit_code == 2 and "an empty list of values" in result.output and "Traceback" not in result.output
+
+
+def test_the_pareto_plot_draws_trials_the_front_and_the_allowance(tmp_path):
+    from sftflow import charts
+
+    points = [{**result(0, 0.1, 0.0, True), "pareto": True}, {**result(1, 0.05, 0.08), "pareto": False},
+              {**result(2, 0.2, 0.1), "pareto": True}]
+    path = charts.plot_pareto(points, tmp_path / "pareto.png", max_drop=0.05)
+    assert path.stat().st_size > 10_000

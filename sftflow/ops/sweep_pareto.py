@@ -23,7 +23,7 @@ def score(metrics: dict, gate: GateConfig) -> dict:
     gain = next(c["value"] for c in v["checks"] if c["check"] == "gain")
     drops = [c for c in v["checks"] if c["check"].startswith("forgetting:")]
     constraints = [UNMEASURED if c["value"] is None else c["threshold"] - c["value"] for c in drops]
-    measured = [-c["value"] for c in drops if c["value"] is not None]
+    measured = [0.0 - c["value"] for c in drops if c["value"] is not None]  # 0.0 - x: no "-0.0"
     worst = max(measured) if measured else (None if drops else 0.0)  # no benchmark bounded: nothing to forget
     return {"gain": gain, "worst_forgetting": worst, "constraints": constraints,
             "feasible": all(c <= 0 for c in constraints), "passed": v["passed"], "reasons": v["reasons"]}
