@@ -71,12 +71,13 @@ def curate_pipeline(config: PipelineConfig) -> dict:
 
 
 @flow(name="sft-pipeline")
-def sft_pipeline(config: PipelineConfig) -> PipelineResult:
+def sft_pipeline(config: PipelineConfig, nest_under: str | None = None) -> PipelineResult:
+    """The whole job; `nest_under`: an MLflow run id (a sweep's) to nest this run's MLflow run under."""
     state = env.configure(config.offline)
     fence.enforce(config)  # deployed on its own, its run form is a remote entry point too
     trust = config.model.trust_remote_code
     check_hardware(config.train)  # QLoRA or bf16 on a CPU-only machine fails now, not after the data stages
-    with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
+    with parent_run(config, state, str(flow_run.id), flow_run.name, nest_under) as ctx:
         # 1. the base model first: the data pre-flight counts tokens with its tokenizer and chat template
         base: Base = model_task(ctx, config.model, config.offline)
 

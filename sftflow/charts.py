@@ -107,3 +107,24 @@ def plot_loss_curves(curves: list[tuple[str, list[tuple[int, float]]]], path: Pa
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     return _save(fig, ax, path)
+
+
+def plot_pareto(points: list[dict], path: Path, max_drop: float | None = None) -> Path:
+    """Sweep trials as (worst forgetting, gain) points, labelled by trial number; the Pareto front joined by a
+    line; gate passes filled green; `max_drop`: the gate's forgetting allowance as a dashed line."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for p in points:
+        ax.scatter(p["worst_forgetting"], p["gain"], s=40, color="tab:green" if p["passed"] else "tab:gray",
+                   edgecolors="black" if p["pareto"] else "none", zorder=3)
+        ax.annotate(str(p["trial"]), (p["worst_forgetting"], p["gain"]), xytext=(4, 4),
+                    textcoords="offset points", fontsize=8)
+    if front := sorted((p["worst_forgetting"], p["gain"]) for p in points if p["pareto"]):
+        ax.plot(*zip(*front), color="tab:blue", linewidth=1, label="Pareto front")
+    if max_drop is not None:
+        ax.axvline(max_drop, color="tab:red", linestyle="--", linewidth=0.8, label="gate: largest drop allowed")
+    ax.set_xlabel("worst forgetting (largest benchmark drop, base − fine-tuned)")
+    ax.set_ylabel("held-out gain (fine-tuned − base)")
+    ax.set_title("sweep: gain vs forgetting (green: passes the gate)")
+    return _save(fig, ax, path)

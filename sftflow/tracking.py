@@ -95,6 +95,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def owner_gone(tags: dict) -> bool:
+    """Whether the process named by `process_tags()` ran on this host and is gone (other hosts: unknown, False)."""
+    return tags.get("sftflow.host") == host() and not _alive(int(tags.get("sftflow.pid", os.getpid())))
+
+
 def close_orphans(experiment_id: str) -> list[str]:
     """Mark KILLED the RUNNING runs opened on this host by a process that is gone; -> their run ids.
 
@@ -107,7 +112,7 @@ def close_orphans(experiment_id: str) -> list[str]:
     client = MlflowClient()
     orphans = [r.info.run_id for r in client.search_runs(
         [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`sftflow.host` = '{host()}'")
-        if not _alive(int(r.data.tags.get("sftflow.pid", os.getpid())))]
+        if owner_gone(r.data.tags)]
     for run_id in orphans:
         client.set_terminated(run_id, "KILLED")
     return orphans
@@ -253,9 +258,18 @@ def _artifact_root(state: Path) -> Path | None:
     return state / "mlartifacts" if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
 
 
+def open_experiment(cfg, state: Path) -> str:
+    """The config's MLflow experiment id, created if new; fails first when the tracking server is down."""
+    check_reachable()
+    env.init_tracking_store()
+    return ensure_experiment(cfg.tracking.experiment, _artifact_root(state))
+
+
 @contextlib.contextmanager
-def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterator[RunContext]:
-    """Open the flow's run directory and parent MLflow run (params = flattened resolved config, secrets masked).
+def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str,
+               nest_under: str | None = None) -> Iterator[RunContext]:
+    """Open the flow's run directory and parent MLflow run (params = flattened resolved config, secrets masked);
+    with `nest_under` (a sweep's MLflow run id) that run is nested under it.
 
     A user error raised inside names this run's folder, where the CLI writes its traceback (error.log)."""
     import mlflow
@@ -264,10 +278,8 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterat
     from sftflow.configs.loader import flatten
 
     run_dir = state / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run_name}"
-    check_reachable()
-    env.init_tracking_store()
+    exp_id = open_experiment(cfg, state)
     run_dir.mkdir(parents=True, exist_ok=False)  # a run never writes into another run's folder
-    exp_id = ensure_experiment(cfg.tracking.experiment, _artifact_root(state))
     if orphans := close_orphans(exp_id):
         print(f"marked {len(orphans)} MLflow run(s) of killed processes KILLED: {', '.join(orphans)}")
     tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name,
@@ -275,7 +287,8 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str) -> Iterat
     if url := prefect_flow_run_url(flow_run_id):  # only with a Prefect server whose UI outlives the run
         tags["prefect.flow_run_url"] = url
     with tracking_errors(), mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{flow_run_name}",
-                                             tags=redact(tags)) as run:
+                                             tags=redact(tags), parent_run_id=nest_under,
+                                             nested=nest_under is not None) as run:
         mlflow.log_params(flatten(cfg))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False))
         mlflow.log_artifact(str(run_dir / "config.yaml"))

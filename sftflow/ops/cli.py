@@ -16,6 +16,7 @@ from sftflow import metrics as names
 from sftflow.ops.cli_ops import ops
 from sftflow.ops.monitor_cli import monitor as monitor_command
 from sftflow.ops import terminal
+from sftflow.ops.sweep_cli import sweep as sweep_command
 from sftflow.ops.terminal import RunOutput, console, err_console
 
 
@@ -220,6 +221,7 @@ def model_list() -> None:
 
 
 app.command("monitor")(monitor_command)
+app.command("sweep")(sweep_command)
 
 if __name__ == "__main__":
     app()

@@ -122,7 +122,8 @@ def rollback(name: ModelName) -> None:
     _print_version(registry.rollback(name), "rolled back")
 
 
-RefsArg = Annotated[list[str], typer.Argument(help="MLflow run ids and/or experiment names (all their runs)")]
+RefsArg = Annotated[list[str], typer.Argument(help="MLflow run ids, sweeps (run id or name: their trials) and/or "
+                                                   "experiment names (all their runs)")]
 
 
 @ops.command()

@@ -37,13 +37,37 @@ class CompareError(UserError, ValueError):
 
 
 def is_pipeline_run(run) -> bool:
-    return "mlflow.parentRunId" not in run.data.tags and "train.method" in run.data.params
+    """A pipeline's own run (a sweep's trials are nested under the sweep run), not one of its stages."""
+    return "sftflow.stage" not in run.data.tags and "train.method" in run.data.params
+
+
+def sweep_trials(ref: str, client: MlflowClient) -> list | None:
+    """A sweep (its MLflow run id or study name) -> its finished trial runs; None when ref names no sweep."""
+    found = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], max_results=1,
+        filter_string=f"tags.`sftflow.sweep` = '{ref}' and attributes.run_name = '{ref}'") if "'" not in ref else []
+    sweep = found[0] if found else None
+    if sweep is None:
+        try:
+            sweep = client.get_run(ref)
+        except MlflowException:
+            return None
+        if "sftflow.sweep" not in sweep.data.tags or is_pipeline_run(sweep):
+            return None
+    trials = client.search_runs([sweep.info.experiment_id], "attributes.status = 'FINISHED' and "
+                                f"tags.mlflow.parentRunId = '{sweep.info.run_id}'",
+                                order_by=["attributes.start_time ASC"])
+    return [r for r in trials if is_pipeline_run(r)]
 
 
 def resolve(refs: list[str], client: MlflowClient) -> list:
-    """Each ref is a run id, or an experiment name/id standing for all its finished pipeline runs."""
+    """Each ref is a run id, a sweep (its run id or study name: its finished trials), or an experiment name/id
+    standing for all its finished pipeline runs."""
     runs = []
     for ref in refs:
+        if (trials := sweep_trials(ref, client)) is not None:
+            runs += trials
+            continue
         try:
             runs.append(client.get_run(ref))
             continue

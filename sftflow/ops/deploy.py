@@ -17,7 +17,7 @@ DEFINITIONS = Path("deployments/deployments.yaml")
 class DeploymentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    flow: Literal["sftflow-retrain", "sftflow-monitor"] = "sftflow-retrain"
+    flow: Literal["sftflow-retrain", "sftflow-monitor", "sftflow-sweep"] = "sftflow-retrain"
     description: str = ""
     parameters: dict = {}
     tags: list[str] = []
@@ -56,8 +56,9 @@ def apply(specs: dict[str, DeploymentSpec], pool: str, config_file: str | None =
 
     from sftflow.flows.monitor import monitor
     from sftflow.flows.retrain import retrain
+    from sftflow.flows.sweep import sweep
 
-    flows = {f.name: f for f in (retrain, monitor)}
+    flows = {f.name: f for f in (retrain, monitor, sweep)}
     with get_client(sync_client=True) as client:
         pool_type = client.read_work_pool(pool).type
     # A process worker runs flows in the project directory, so relative configs and data paths resolve.

@@ -73,12 +73,13 @@ def _move_champion(client: MlflowClient, name: str, version: str) -> None:
 
 
 def register_candidate(name: str, parent_run_id: str, verdict: dict, fingerprint: dict, summary: dict,
-                       client: MlflowClient | None = None):
+                       client: MlflowClient | None = None, promote: bool = True):
     """Register the run's trained weights as a new version of `name`; the verdict moves `champion`.
 
     verdict: the promotion gate's {"passed": bool, "reasons": [str, ...]}.
     fingerprint: {"fingerprint", "dataset_digest", "config_hash"} of the run's data and config.
     summary: {measure: delta} of the run's evaluation, stored as a tag for the registry UI.
+    promote: False leaves a passing version as challenger, for a human to promote (a sweep's best trial).
     """
     from sftflow.ops.packaging import log_train_model
 
@@ -104,7 +105,7 @@ def register_candidate(name: str, parent_run_id: str, verdict: dict, fingerprint
                                           tags=tags, description=f"from run {parent.info.run_name}",
                                           model_id=logged.model_id)
     client.set_registered_model_alias(name, CHALLENGER, str(version.version))
-    if verdict["passed"]:
+    if verdict["passed"] and promote:
         _move_champion(client, name, str(version.version))
     return client.get_model_version(name, version.version)
 

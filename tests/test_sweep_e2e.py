@@ -1,0 +1,169 @@
+"""Sweeps through the real flow: every trial is a whole smoke pipeline run (tiny model, Prefect, MLflow on SQLite)
+nested under the sweep's MLflow run; the Optuna study lives in SQLite beside it, so a killed sweep resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sftflow import env
+from sftflow.configs.loader import load_config
+from sftflow.ops import compare, registry
+from sftflow.ops import sweep_study as study_state
+from sftflow.ops.sweep_space import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "sweeps"
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+CHEAP = '["eval.bbh.subtasks=[navigate]", eval.bbh.limit=1, eval.mmlu.limit=1]'  # fewer items per trial
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield
+
+
+def nested(sweep_run_id: str) -> list:
+    client = MlflowClient()
+    exp = client.get_run(sweep_run_id).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{sweep_run_id}'")
+    return sorted((r for r in runs if "sweep.trial" in r.data.params), key=lambda r: int(r.data.params["sweep.trial"]))
+
+
+def nested_experiment(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.experiment_id
+
+
+def study(cfg_overrides: list[str], space: Path):
+    import optuna
+
+    spec = load_spec(space)
+    cfg = load_config(SMOKE, [*cfg_overrides, *spec.overrides])
+    return optuna.load_study(study_name=study_state.study_name(cfg, spec),
+                             storage=study_state.storage_url(env.state_dir()))
+
+
+@pytest.mark.e2e
+def test_a_2x2_grid_nests_four_trial_runs_and_reuses_the_data_and_base_benchmark_caches(prefect_server, data_root):
+    from sftflow.flows.sweep import sweep
+
+    result = sweep(config_file=SMOKE, space_file=str(FIXTURES / "grid.yaml"), overrides=[f"data.root={data_root}"])
+    runs = nested(result["mlflow_run_id"])
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {(r.data.params["train.lora.r"], float(r.data.params["train.learning_rate"])) for r in runs} == \
+        {("2", 1e-3), ("2", 3e-3), ("4", 1e-3), ("4", 3e-3)}  # every grid point once, as the trial's params
+    for r in runs:
+        assert {"sweep/gain", "sweep/worst_forgetting", "sweep/feasible", "sweep/passed", "sweep/trial"} <= \
+            set(r.data.metrics)
+        assert r.data.tags["sftflow.sweep"] == result["study"] and "sftflow.stage" not in r.data.tags
+    for r in runs[1:]:  # after the first trial: data stages and the base model's benchmarks come from the caches
+        m = r.data.metrics
+        assert m["load/cache_hit"] == m["curate/cache_hit"] == m["split/cache_hit"] == 1.0
+        assert m["eval/base/evaluated_tasks"] == 0 and m["eval/base/cached_tasks"] > 0
+        assert m["eval/ft/evaluated_tasks"] > 0  # the trial's own model is evaluated
+    sweep_run = MlflowClient().get_run(result["mlflow_run_id"])
+    assert sweep_run.info.status == "FINISHED" and sweep_run.data.metrics["sweep/n_trials"] == 4
+    assert {a.path for a in MlflowClient().list_artifacts(sweep_run.info.run_id)} == {"pareto.md", "pareto.png"}
+    table = result["table"].splitlines()
+    assert len(table) == 2 + 4 and result["front"] and Path(result["plot"]).is_file()
+    gains = [r.data.metrics["sweep/gain"] for r in runs]
+    assert max(gains) == pytest.approx(max(row["gain"] for row in result["results"]))
+    # `sftflow compare` reads a sweep by its run id or its name: its trials side by side
+    for ref in (result["mlflow_run_id"], result["study"]):
+        assert {v.run_id for v in compare.views([ref])} == {r.info.run_id for r in runs}
+
+
+@pytest.mark.e2e
+def test_a_constrained_tpe_study_runs_four_trials_and_registers_the_best_as_challenger(prefect_server, data_root):
+    from sftflow.flows.sweep import sweep
+
+    # A lenient gate, so some trial passes and --register has a candidate; champion must not move.
+    overrides = [f"data.root={data_root}", "gate.min_gain=-1", "gate.max_forgetting.mmlu=1",
+                 "gate.max_forgetting.bbh=1", "name=smoke-tpe"]
+    result = sweep(config_file=SMOKE, space_file=str(FIXTURES / "tpe.yaml"), overrides=overrides, register_best=True)
+    runs = nested(result["mlflow_run_id"])
+    assert len(runs) == 4 and [r.data.params["sweep.trial"] for r in runs] == ["0", "1", "2", "3"]
+    trials = study(overrides, FIXTURES / "tpe.yaml").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert all(t.user_attrs["constraints"] and all(c <= 0 for c in t.user_attrs["constraints"]) for t in trials)
+    assert all(1e-4 <= t.params["train.learning_rate"] <= 3e-3 and t.params["train.lora.r"] in (2, 4, 6, 8)
+               for t in trials)
+    best = result["best"]
+    assert best["gain"] == max(t.value for t in trials)
+    version = MlflowClient().get_model_version_by_alias("smoke-tpe", registry.CHALLENGER)
+    assert str(version.version) == str(result["registered_version"]) and version.tags["mlflow.parent_run_id"] == \
+        best["run_id"]
+    assert registry.champion("smoke-tpe") is None  # the sweep proposes; a human promotes
+
+
+@pytest.mark.e2e
+def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(prefect_server, data_root, tmp_path):
+    from sftflow.flows.sweep import sweep
+
+    space = tmp_path / "crash.yaml"
+    space.write_text("sampler: grid\nparams:\n  model.base: [no-such-model, tiny-random-llama]\n"
+                     f"concurrency: 2\noverrides: {CHEAP}\n")  # two trials at once: each subflow in its thread
+    result = sweep(config_file=SMOKE, space_file=str(space), overrides=[f"data.root={data_root}", "name=smoke-crash"])
+    states = {r["params"]["model.base"]: r["state"] for r in result["results"]}
+    assert states == {"no-such-model": "FAIL", "tiny-random-llama": "COMPLETE"}
+    crashed = next(r for r in result["results"] if r["state"] == "FAIL")
+    assert crashed["error"] and crashed["trial"] not in result["front"]
+    statuses = {r.data.params["model.base"]: r.info.status for r in nested(result["mlflow_run_id"])}
+    assert statuses == {"no-such-model": "FAILED", "tiny-random-llama": "FINISHED"}
+    assert MlflowClient().get_run(result["mlflow_run_id"]).data.metrics["sweep/n_failed"] == 1
+
+
+@pytest.mark.e2e
+def test_a_killed_sweep_resumes_without_redoing_finished_trials(prefect_server, data_root, tmp_path):
+    from optuna.trial import TrialState
+
+    from sftflow.flows.sweep import sweep
+
+    space = tmp_path / "resume.yaml"
+    space.write_text(f"sampler: grid\nparams:\n  train.lora.r: [2, 6]\noverrides: {CHEAP}\n")
+    overrides = [f"data.root={data_root}", "name=smoke-resume"]
+    proc = subprocess.Popen([sys.executable, "-m", "sftflow.ops.cli", "sweep", SMOKE, str(space),
+                             *(a for o in overrides for a in ("--set", o))], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "sweep.log", "w"))
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:  # the first trial finished and the second one's pipeline run started
+            try:
+                running = study(overrides, space)
+            except KeyError:  # the study does not exist yet
+                running = None
+            trials = running.get_trials() if running else []
+            if [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING] and MlflowClient().search_runs(
+                    [nested_experiment(running.user_attrs[study_state.RUN_ID])], filter_string=(
+                        f"tags.mlflow.parentRunId = '{running.user_attrs[study_state.RUN_ID]}' "
+                        "and attributes.status = 'RUNNING'")):
+                break
+            assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first trial did not finish in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = trials[0]
+
+    result = sweep(config_file=SMOKE, space_file=str(space), overrides=overrides)
+    assert result["ran"] == 1  # only the killed trial, redone
+    trials = study(overrides, space).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[1].user_attrs[study_state.STALE] and trials[2].params == trials[1].params
+    assert trials[0].user_attrs[study_state.RUN_ID] == first.user_attrs[study_state.RUN_ID]
+    runs = nested(result["mlflow_run_id"])  # the same sweep run, reopened
+    assert {r.data.params["sweep.trial"]: r.info.status for r in runs} == {"0": "FINISHED", "2": "FINISHED"}
+    killed = MlflowClient().search_runs([runs[0].info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}' and attributes.status = 'KILLED'"))
+    assert len(killed) == 1  # the killed trial's pipeline run, closed by the next run
+    assert [r["trial"] for r in result["results"]] == [0, 2]
