@@ -59,6 +59,11 @@ def stage_duration(stage: str) -> str:
     return f"{stage}/duration_s"
 
 
+def stage_cache_hit(stage: str) -> str:
+    """`<stage>/cache_hit`: 1 when an unchanged rerun read the stage's result from the cache."""
+    return f"{stage}/cache_hit"
+
+
 # --- parsing ---
 
 class EvalName(NamedTuple):
