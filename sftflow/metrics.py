@@ -13,7 +13,7 @@ from typing import NamedTuple
 FT = "ft"  # the model whose comparisons with the base carry no model in their name
 COUNT = "n"  # items a benchmark score averages over: eval/<tag>/<bench>/n
 EVAL_WORK = ("cached_tasks", "evaluated_tasks", "wall_s")  # lm-eval work done for one model
-DELTA_STATS = ("ci_low", "ci_high", "p_value")
+DELTA_STATS = ("ci_low", "ci_high", "p_value", "mde")  # mde: minimum detectable effect, 80% power
 FORGETTING_STATS = ("delta", *DELTA_STATS, "significant_drop")
 HELDOUT_RECORDS = "heldout/records"
 GATE_PASSED = "gate/passed"
