@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -46,3 +48,12 @@ def test_gpu_check_trains_each_method_and_says_what_it_ran(tmp_path, tiny_model)
         assert re.search(rf"^{method}\S*\s+(fp32|bf16|fp16)\s+\S+", out, re.M), f"no row for {method}:\n{out}"
     if not torch.cuda.is_available():
         assert "no CUDA" in out and "skipped: qlora" in out and "skipped: FSDP" in out
+
+
+@pytest.mark.e2e
+def test_rerun_benchmark_prints_its_ratios_and_that_the_rerun_did_nothing(tmp_path, tiny_model, data_root):
+    out = run_bench("eval_rerun.py", tmp_path, tiny_model, str(BENCH.parent / "configs" / "smoke.yaml"),
+                    "--set", f"data.root={data_root}", "--models", str(Path(tiny_model).parent))
+    assert re.search(r"unchanged rerun [\d.]+ s, ratio [\d.]+ \(target <= 0.05\)", out), out
+    assert "rerun: trained: no, held-out cache hit: 1, lm-eval tasks evaluated: 0" in out, out
+    assert re.search(r"sweeps: base [\d.]+ s, fine-tuned [\d.]+ s, ratio [\d.]+x \(target <= 1.3x\)", out), out

@@ -1,7 +1,6 @@
 import json
 
 from sftflow import stats
-
 from sftflow.configs.schema import GateConfig
 from sftflow.tasks.evaluation.forgetting import forgetting_rows
 from sftflow.tasks.evaluation.gate import verdict
