@@ -57,3 +57,10 @@ def test_rerun_benchmark_prints_its_ratios_and_that_the_rerun_did_nothing(tmp_pa
     assert re.search(r"unchanged rerun [\d.]+ s, ratio [\d.]+ \(target <= 0.05\)", out), out
     assert "rerun: trained: no, held-out cache hit: 1, lm-eval tasks evaluated: 0" in out, out
     assert re.search(r"sweeps: base [\d.]+ s, fine-tuned [\d.]+ s, ratio [\d.]+x \(target <= 1.3x\)", out), out
+
+
+def test_eval_speed_benchmark_prints_every_arm_and_the_ratios(tmp_path, tiny_model):
+    out = run_bench("eval_speed.py", tmp_path, tiny_model, "--mmlu", "1", "--bbh", "1", "--budget", "8")
+    for arm in ("base, stock budget", "ft via peft=, stock budget (before)", "base, budget 8", "ft merged, budget 8 (now)"):
+        assert re.search(rf"^{re.escape(arm)}\s+[\d.]+ s$", out, re.M), out
+    assert re.search(r"ft/base before [\d.]+x, now [\d.]+x \(target <= 1.3x\)", out), out
