@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def fresh_home(models: Path) -> Path:
     home = Path(tempfile.mkdtemp(prefix="sftflow-rerun-"))
     os.environ["SFTFLOW_HOME"] = str(home)  # before sftflow, Prefect or MLflow read it
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")  # a loaded machine is slow
     (home / "models").mkdir()
     for model in (models.iterdir() if models.is_dir() else []):
         if (model / "sftflow-model.json").is_file():
