@@ -149,6 +149,16 @@ class BenchmarkConfig(Section):
     subtasks: list[str] | Literal["all"] = "all"
     limit: Positive | None = Field(5, description="items per subject/subtask, seeded sample; None: all")
     num_fewshot: int = Field(ge=0)
+    max_gen_toks: Positive | None = Field(
+        None, description="generation budget per item of a generating benchmark (BBH); generation also stops at "
+                          "the task's stop sequences; None: lm-eval's default (256)")
+    mde: float | None = Field(
+        None, gt=0.0, le=1.0, description="minimum detectable effect (80% power, alpha eval.alpha) the benchmark's "
+                                          "base vs fine-tuned comparison should reach: the per-subtask limit "
+                                          "becomes the smallest that reaches it, in place of `limit`")
+    assumed_discordance: float = Field(
+        0.1, gt=0.0, le=1.0, description="share of items base and fine-tuned answer differently, assumed when "
+                                         "`mde` chooses the limit (the run reports the observed one)")
 
 
 class EvalConfig(Section):
@@ -165,6 +175,12 @@ class EvalConfig(Section):
     seed: int = 1234
     bootstrap_iters: Positive = Field(2000, description="paired bootstrap resamples for the 95% CIs")
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of the paired tests")
+
+    @model_validator(mode="after")
+    def _budget_where_generating(self) -> "EvalConfig":
+        if self.mmlu.max_gen_toks is not None:
+            raise ValueError("mmlu.max_gen_toks: MMLU scores its choices by likelihood and generates nothing")
+        return self
 
 
 class GateConfig(Section):

@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 
 from sftflow import env, links
 from sftflow.configs.schema import PipelineConfig
+from sftflow.models import model_digest
 from sftflow.ops import fence
 from sftflow.redact import scrub
 from sftflow.results import (
@@ -89,10 +90,12 @@ def sft_pipeline(config: PipelineConfig, nest_under: str | None = None) -> Pipel
         trained: Trained = train_task(ctx, tokens["paths"], base["path"], config.train, trust_remote_code=trust)
 
         # 6. evaluate every model against the base: specialisation on held-out data, forgetting on
-        #    benchmarks (the base's benchmark results are cached across runs), then the promotion gate
+        #    benchmarks, then the promotion gate; every model carries a content digest, so an unchanged
+        #    rerun reads both evaluations from the cache
         models: dict[str, ModelRef] = {
             "base": {"path": base["path"], "digest": base["digest"], "tokenizer": base["path"]},
-            "ft": {"path": trained["model_path"], "adapter": trained["adapter_path"], "tokenizer": base["path"]}}
+            "ft": {"path": trained["model_path"], "adapter": trained["adapter_path"], "tokenizer": base["path"],
+                   "digest": model_digest(trained["model_path"], trained["adapter_path"])}}
         held: Heldout = heldout_task(ctx, splits["paths"]["test"], models, config.eval.heldout,
                                      system_prompt=config.template.system_prompt, trust_remote_code=trust,
                                      bootstrap_iters=config.eval.bootstrap_iters, seed=config.eval.seed,

@@ -13,7 +13,7 @@ from typing import NamedTuple
 FT = "ft"  # the model whose comparisons with the base carry no model in their name
 COUNT = "n"  # items a benchmark score averages over: eval/<tag>/<bench>/n
 EVAL_WORK = ("cached_tasks", "evaluated_tasks", "wall_s")  # lm-eval work done for one model
-DELTA_STATS = ("ci_low", "ci_high", "p_value")
+DELTA_STATS = ("ci_low", "ci_high", "p_value", "mde")  # mde: minimum detectable effect, 80% power
 FORGETTING_STATS = ("delta", *DELTA_STATS, "significant_drop")
 HELDOUT_RECORDS = "heldout/records"
 GATE_PASSED = "gate/passed"
@@ -57,6 +57,11 @@ def heldout_delta(measure: str, stat: str | None = None, model: str = FT) -> str
 
 def stage_duration(stage: str) -> str:
     return f"{stage}/duration_s"
+
+
+def stage_cache_hit(stage: str) -> str:
+    """`<stage>/cache_hit`: 1 when an unchanged rerun read the stage's result from the cache."""
+    return f"{stage}/cache_hit"
 
 
 # --- parsing ---

@@ -128,6 +128,44 @@ def _manifest_digest(path: Path) -> str:
     return json.loads(manifest.read_text())["digest"] if manifest.exists() else dir_digest(path)
 
 
+TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "vocab", "merges")
+CONFIG_FILES = ("config.json", "adapter_config.json", "generation_config.json")
+
+
+def tokenizer_digest(path: str) -> str:
+    """Tokenizer files only (the chat template lives there); a hub id stands for itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{path}"
+    lines = [f"{p.name} {file_digest(p)}" for p in sorted(folder.iterdir())
+             if p.is_file() and p.name.startswith(TOKENIZER_FILES)]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over what decides a trained model's outputs: weights, configs, tokenizer and chat template;
+    not training arguments, logs or model cards, which name where and when it was trained."""
+    lines = [f"{p.relative_to(folder)} {file_digest(p)}" for p in sorted(folder.rglob("*"))
+             if p.is_file() and (p.suffix == ".safetensors" or p.name in CONFIG_FILES
+                                 or p.name.startswith(TOKENIZER_FILES))]
+    if not lines:
+        raise ModelError(f"{folder}: no safetensors weights to evaluate")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def model_digest(path: str, adapter: str | None = None) -> str:
+    """Content digest of a model to evaluate (its result cache key): a folder with a manifest (a pulled or
+    converted base) by the manifest's digest, any other folder by its weights; plus the adapter's on top."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{path}"
+    own = json.loads((folder / MANIFEST).read_text())["digest"] if (folder / MANIFEST).exists() \
+        else weights_digest(folder)
+    if not adapter:
+        return own
+    return hashlib.sha256(f"{own}\nadapter {weights_digest(Path(adapter))}".encode()).hexdigest()
+
+
 def resolve(base: str, offline: bool) -> ResolvedModel:
     """alias -> pulled dir; local dir; .gguf -> converted dir (cached by file hash); else a hub id."""
     if base in registry():
@@ -159,8 +197,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_causal_lm(path: str, trust_remote_code: bool = False, adapter: str | None = None):
-    """In precision.inference_dtype() (float32 on CPU, bf16 where a GPU supports it); safetensors only."""
+def load_causal_lm(path: str, trust_remote_code: bool = False, adapter: str | None = None, merge: bool = False):
+    """In precision.inference_dtype() (float32 on CPU, bf16 where a GPU supports it); safetensors only.
+    merge: fold a LoRA adapter into the weights in memory (the same outputs, without the adapter's extra
+    matmuls on every forward pass; for evaluation, not for further training)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -170,6 +210,8 @@ def load_causal_lm(path: str, trust_remote_code: bool = False, adapter: str | No
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
+        if merge:
+            model = model.merge_and_unload()
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sftflow import cache
+from sftflow import metrics as names
 
 _OUT = "@OUT_DIR@"  # result.json stores paths relative to the stage folder under this marker
 
@@ -48,6 +49,6 @@ def cached(stage: str, key: str, out_dir: Path, compute: Callable[[Path], dict])
         with cache.fill(stage, key) as entry:
             _copy_tree(out_dir, entry)
             save_result(entry, result, out_dir)
-    result.setdefault("metrics", {})[f"{stage}/cache_hit"] = int(hit is not None)
+    result.setdefault("metrics", {})[names.stage_cache_hit(stage)] = int(hit is not None)
     result["cache_key"] = key
     return result

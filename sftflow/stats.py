@@ -4,7 +4,8 @@ Both models answer the same items, so every comparison is paired: the confidence
 paired bootstrap over items (resample items, recompute the mean difference), and the significance test
 is McNemar's exact test on the discordant pairs when scores are 0/1 (a Wilcoxon signed-rank test
 otherwise). Many subtasks tested at once get Holm-adjusted p-values so 57 MMLU subjects do not raise
-false alarms by chance.
+false alarms by chance. The minimum detectable effect (MDE) says how large a difference the paired test
+could have found at 80% power, so "no significant drop" can be read as "no drop larger than the MDE".
 """
 
 from __future__ import annotations
@@ -86,15 +87,52 @@ def paired_test(base: Sequence[float], ft: Sequence[float]) -> dict:
     return {"p_value": p, "test": "wilcoxon"}
 
 
+def _z(alpha: float, power: float) -> tuple[float, float]:
+    return float(stats.norm.ppf(1 - alpha / 2)), float(stats.norm.ppf(power))
+
+
+def paired_mde(n: int, discordance: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable effect of a paired comparison of 0/1 scores: the smallest |p10 - p01| (share of
+    items only one model gets right, one way minus the other) that a two-sided McNemar test at `alpha`
+    finds with probability `power`, for n items of which a share `discordance` (p10 + p01) disagree.
+
+    Connor (1987)'s normal approximation, n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2 with psi the
+    discordance, solved for d: d = sqrt(psi) K with K = (z_a sqrt(n) + z_b sqrt(n - z_a^2 + z_b^2)) / (n + z_b^2).
+    An effect d needs at least d discordant items (psi >= d), so a smaller observed discordance (0 when
+    both models agree everywhere) is raised to d, which gives d = K^2; hence d = K max(sqrt(psi), K).
+    Capped at 1 (no difference of proportions is detectable with so few items)."""
+    z_a, z_b = _z(alpha, power)
+    if n <= 0 or n - z_a ** 2 + z_b ** 2 <= 0:
+        return 1.0
+    k = (z_a * np.sqrt(n) + z_b * np.sqrt(n - z_a ** 2 + z_b ** 2)) / (n + z_b ** 2)
+    return float(min(1.0, k * max(np.sqrt(discordance), k)))
+
+
+def items_for_mde(mde: float, discordance: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Items a paired comparison needs for its MDE to be at most `mde` (the inverse of paired_mde; Connor's
+    sample size with the discordance raised to at least the effect)."""
+    if not 0 < mde <= 1:
+        raise ValueError(f"mde must be in (0, 1], got {mde}")
+    z_a, z_b = _z(alpha, power)
+    psi = max(discordance, mde)
+    n = int(np.ceil((z_a * np.sqrt(psi) + z_b * np.sqrt(psi - mde ** 2)) ** 2 / mde ** 2))
+    while paired_mde(n, discordance, alpha, power) > mde:  # rounding at the edge
+        n += 1
+    return n
+
+
 def compare(base: Sequence[float], ft: Sequence[float], iters: int = 2000, level: float = 0.95,
             seed: int = 0) -> dict:
-    """Everything a forgetting row needs: means, delta, bootstrap CI, paired test."""
+    """Everything a forgetting row needs: means, delta, bootstrap CI, paired test, and the MDE at 80% power
+    and alpha = 1 - level given n and the observed discordance (items whose scores differ)."""
     if len(base) != len(ft):
         raise ValueError(f"paired comparison needs the same items: {len(base)} base vs {len(ft)} fine-tuned")
     low, high = paired_bootstrap_ci(base, ft, iters, level, seed)
     base_mean, ft_mean = float(np.mean(base)), float(np.mean(ft))
+    discordance = float(np.mean(np.asarray(base, dtype=float) != np.asarray(ft, dtype=float))) if len(base) else 0.0
     return {"n": len(base), "base": base_mean, "ft": ft_mean, "delta": ft_mean - base_mean,
-            "ci_low": low, "ci_high": high, **paired_test(base, ft)}
+            "ci_low": low, "ci_high": high, "discordance": discordance,
+            "mde": paired_mde(len(base), discordance, 1 - level), **paired_test(base, ft)}
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -141,3 +141,45 @@ def test_stock_task_names_run_alone_and_expand_groups_and_tags(tmp_path, data_ro
     assert sorted(i["task"] for i in stock) == ["sftflow_mmlu_anatomy", "sftflow_mmlu_virology"]  # tasks_limit=1
     assert out["eval/base/sftflow_mmlu/n"] == 2 and out["eval/base/mmlu/n"] == 4 and out["eval/base/evaluated_tasks"] == 3
     assert "eval/base/sftflow_mmlu/sftflow_mmlu_virology/acc" in out
+
+
+def test_bbh_mirror_stops_at_the_stock_sequences_within_the_configured_budget(tmp_path, data_root):
+    from lm_eval.tasks import TaskManager
+
+    cfg = BenchmarkConfig(subtasks=["navigate"], limit=2, num_fewshot=3, max_gen_toks=48)
+    budgeted = build_mirror("bbh", cfg, data_root, 0, tmp_path)
+    spec = yaml.safe_load((tmp_path / "bbh" / "sftflow_bbh_navigate.yaml").read_text())
+    assert spec["generation_kwargs"] == {"until": ["</s>", "Q", "\n\n"], "do_sample": False, "temperature": 0.0,
+                                         "max_gen_toks": 48}
+    # lm-eval reads it back as the task's generation settings (include + override)
+    task = TaskManager(include_path=str(tmp_path), include_defaults=False).load(["sftflow_bbh_navigate"])
+    loaded = task["tasks"]["sftflow_bbh_navigate"].config.generation_kwargs
+    assert loaded["max_gen_toks"] == 48 and loaded["until"] == ["</s>", "Q", "\n\n"]
+    stock = build_mirror("bbh", BenchmarkConfig(subtasks=["navigate"], limit=2, num_fewshot=3), data_root, 0,
+                         tmp_path / "stock")
+    assert "generation_kwargs" not in yaml.safe_load((tmp_path / "stock/bbh/sftflow_bbh_navigate.yaml").read_text())
+    assert stock[0].fingerprint != budgeted[0].fingerprint  # another budget, other cached results
+
+
+def test_a_generation_budget_on_mmlu_is_a_config_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="mmlu.max_gen_toks: MMLU scores its choices by likelihood"):
+        EvalConfig(mmlu=BenchmarkConfig(num_fewshot=0, max_gen_toks=8))
+
+
+def test_mde_picks_the_smallest_per_subtask_limit_that_reaches_it(tmp_path, data_root):
+    from sftflow import stats
+    from sftflow.tasks.evaluation.mirror import limit_for_mde
+
+    need = stats.items_for_mde(0.1, 0.1)  # 149 items at discordance 0.1
+    assert limit_for_mde([100, 100], 0.1, 0.1) == -(-need // 2)
+    assert limit_for_mde([10, 1000], 0.1, 0.1) == need - 10  # the small subtask gives all it has
+    assert limit_for_mde([10, 10], 0.1, 0.1) is None  # not reachable: every item
+    cfg = BenchmarkConfig(subtasks=["anatomy", "virology", "astronomy"], num_fewshot=0, mde=0.2,
+                          assumed_discordance=0.15)
+    build_mirror("mmlu", cfg, data_root, 0, tmp_path)
+    per_subject = [len(list(read_jsonl(tmp_path / "mmlu" / f"{s}.test.jsonl"))) for s in cfg.subtasks]
+    assert len(set(per_subject)) == 1  # every subject has more than the chosen limit
+    items = sum(per_subject)
+    assert stats.paired_mde(items, 0.15) <= 0.2 < stats.paired_mde(items - len(per_subject), 0.15)

@@ -73,14 +73,15 @@ def test_eval_takes_a_lora_adapter_folder_on_the_configs_base(tmp_path, tiny_mod
     from mlflow.tracking import MlflowClient
     from peft import LoraConfig, get_peft_model
 
-    from sftflow.models import load_causal_lm
+    from sftflow.models import load_causal_lm, model_digest
     from sftflow.tasks.evaluation.benchmarks import sweep_models
 
     # A fresh LoRA adapter: B starts at zero, so it computes exactly what the base computes.
     peft_model = get_peft_model(load_causal_lm(tiny_model), LoraConfig(r=2, target_modules=["q_proj"]))
     peft_model.save_pretrained(tmp_path / "adapter")
     models = sweep_models(str(tmp_path / "adapter"), tiny_model, offline=True, baseline=True)
-    assert models["model"] == {"path": tiny_model, "adapter": str(tmp_path / "adapter"), "tokenizer": tiny_model}
+    assert models["model"] == {"path": tiny_model, "adapter": str(tmp_path / "adapter"), "tokenizer": tiny_model,
+                               "digest": model_digest(tiny_model, str(tmp_path / "adapter"))}
     args = ["eval", "configs/smoke.yaml", "--model", str(tmp_path / "adapter"), "--baseline",
             "--set", f"model.base={tiny_model}", "--set", "eval.mmlu.subtasks=[virology]",
             "--set", "eval.bbh.enabled=false", "--set", "tracking.experiment=cli-eval-adapter"]
@@ -90,5 +91,5 @@ def test_eval_takes_a_lora_adapter_folder_on_the_configs_base(tmp_path, tiny_mod
     [parent] = client.search_runs([client.get_experiment_by_name("cli-eval-adapter").experiment_id],
                                   "tags.mlflow.runName LIKE 'smoke-eval-%'")
     m = parent.data.metrics
-    assert m["eval/model/evaluated_tasks"] == 1  # an adapter has no digest: evaluated, never cached
+    assert m["eval/model/evaluated_tasks"] == 1  # new adapter weights: evaluated, then cached by their digest
     assert m["forgetting/model/mmlu/delta"] == 0.0 and m["eval/model/mmlu/acc"] == m["eval/base/mmlu/acc"]

@@ -128,7 +128,7 @@ def test_each_prefect_task_logs_its_stage_summary(smoke_run):
 
 
 @pytest.mark.e2e
-def test_a_second_run_gets_its_own_directory_and_reuses_the_base_results(smoke_run, data_root):
+def test_an_unchanged_second_run_gets_its_own_directory_and_trains_and_evaluates_nothing(smoke_run, data_root):
     from sftflow.flows.sft_pipeline import sft_pipeline
 
     cfg, first, _ = smoke_run
@@ -137,4 +137,8 @@ def test_a_second_run_gets_its_own_directory_and_reuses_the_base_results(smoke_r
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
     m = MlflowClient().get_run(second["mlflow_run_id"]).data.metrics
     assert m["eval/base/cached_tasks"] == 4 and m["eval/base/evaluated_tasks"] == 0 and m["eval/base/wall_s"] == 0
-    assert m["eval/ft/evaluated_tasks"] == 4  # the fine-tuned model is new in every run
+    # The fine-tuned model is the same content: read from the cache like the base, held-out comparison included.
+    assert m["train/cache_hit"] == 1 and m["eval/ft/cached_tasks"] == 4 and m["eval/ft/evaluated_tasks"] == 0
+    assert m["heldout/cache_hit"] == 1 and m["eval/ft/wall_s"] == 0
+    assert Path(second["run_dir"], "heldout", "predictions.jsonl").read_text() == \
+        Path(first["run_dir"], "heldout", "predictions.jsonl").read_text()

@@ -55,3 +55,26 @@ def test_gate_config_is_validated():
         load_config("configs/smoke.yaml", ["gate.max_forgetting={mmlu: -0.1}"])
     with pytest.raises(ConfigError, match="gate.bound"):
         load_config("configs/smoke.yaml", ["gate.bound=upper"])
+
+
+def test_an_underpowered_forgetting_check_says_which_drop_it_cannot_rule_out():
+    metrics = {**METRICS, "forgetting/mmlu/mde": 0.09, "forgetting/bbh/mde": 0.04,
+               "heldout/delta/label_acc/mde": 0.2, "heldout/delta/label_acc/ci_low": 0.05}
+    out = verdict(metrics, GateConfig(min_gain=0.1, max_forgetting={"mmlu": 0.05, "bbh": 0.05}))
+    gain, mmlu, bbh = out["checks"]
+    assert out["passed"] is True  # point estimates: the note informs, it does not fail the check
+    assert mmlu["underpowered"] and mmlu["reason"] == ("mmlu forgetting: delta -0.0200 >= -0.0500; underpowered "
+                                                      "(MDE 0.0900 > margin 0.0500): cannot rule out a drop of 0.0700")
+    assert not bbh["underpowered"] and "underpowered" not in bbh["reason"]  # MDE within the margin
+    assert gain["underpowered"] and "a gain smaller than 0.2000 may go undetected" in gain["reason"]
+
+
+def test_non_inferiority_settled_by_the_ci_is_not_underpowered():
+    metrics = {"heldout/delta/label_acc": 0.3, "heldout/delta/label_acc/ci_low": 0.2,
+               "heldout/delta/label_acc/mde": 0.15, "forgetting/mmlu/delta": 0.0,
+               "forgetting/mmlu/ci_low": -0.03, "forgetting/mmlu/mde": 0.08}
+    out = verdict(metrics, GateConfig(min_gain=0.1, max_forgetting={"mmlu": 0.05}, bound="ci"))
+    assert out["passed"] is True and not any(c["underpowered"] for c in out["checks"])
+    metrics["forgetting/mmlu/ci_low"] = -0.12  # the CI now reaches past the margin
+    out = verdict(metrics, GateConfig(min_gain=0.1, max_forgetting={"mmlu": 0.05}, bound="ci"))
+    assert out["passed"] is False and out["reasons"][1].endswith("cannot rule out a drop of 0.1200")

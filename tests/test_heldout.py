@@ -51,6 +51,7 @@ def test_heldout_scores_every_model_against_base_and_writes_artifacts(tmp_path, 
     assert len(rows) == 6 and rows[0]["reference"] == "NEG" and {"ft_prediction", "ft_best_prediction"} <= set(rows[0])
     examples = (tmp_path / "examples.md").read_text()
     assert examples.count("- reference:") == 2 and "- ft_best:" in examples and "review 0" in examples
+    assert m.pop("heldout/cache_hit") == 0  # no content digests: never cached
     assert json.loads((tmp_path / "heldout.json").read_text())["metrics"] == m
 
 

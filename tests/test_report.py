@@ -1,5 +1,6 @@
 import json
 
+from sftflow import stats
 from sftflow.configs.schema import GateConfig
 from sftflow.tasks.evaluation.forgetting import forgetting_rows
 from sftflow.tasks.evaluation.gate import verdict
@@ -14,7 +15,8 @@ def _items(bench, task, scores, category=None):
 def test_report_rows_carry_base_ft_delta_ci_and_the_verdict(tmp_path):
     held = {"heldout/records": 40, "heldout/base/exact_match": 0.25, "heldout/ft/exact_match": 0.9,
             "heldout/delta/exact_match": 0.65, "heldout/delta/exact_match/ci_low": 0.5,
-            "heldout/delta/exact_match/ci_high": 0.8, "heldout/delta/exact_match/p_value": 1e-6}
+            "heldout/delta/exact_match/ci_high": 0.8, "heldout/delta/exact_match/p_value": 1e-6,
+            "heldout/delta/exact_match/mde": 0.2031}
     base = _items("mmlu", "anatomy", [1] * 40 + [0] * 20, "mmlu_stem") + _items("mmlu", "virology", [1, 0] * 10, "mmlu_other")
     ft = _items("mmlu", "anatomy", [0] * 30 + [1] * 10 + [0] * 20, "mmlu_stem") + _items("mmlu", "virology", [1, 0] * 10, "mmlu_other")
     rows = forgetting_rows(base, ft, iters=300)
@@ -29,7 +31,9 @@ def test_report_rows_carry_base_ft_delta_ci_and_the_verdict(tmp_path):
     assert by_name["mmlu acc"]["delta"] == -30 / 80 and by_name["mmlu acc"]["n"] == 80
     assert by_name["mmlu_stem acc"]["flag"] == "significant drop" and by_name["mmlu_other acc"]["flag"] == ""
     md = (tmp_path / "summary.md").read_text()
-    assert "| held-out exact_match | 0.250 | 0.900 | +0.650 | [+0.500, +0.800] | 1e-06 | 40 |  |" in md
+    assert "| held-out exact_match | 0.250 | 0.900 | +0.650 | [+0.500, +0.800] | 1e-06 | 0.203 | 40 |  |" in md
+    mde = by_name["mmlu acc"]["mde"]  # 30 of 80 items differ
+    assert mde == stats.paired_mde(80, 30 / 80) and f"| {mde:.3f} | 80 |" in md
     assert "**Promotion gate (ft, point): FAILED**" in md and "- FAIL: mmlu forgetting" in md
     assert ("Evaluation wall time: held-out 12 s, benchmarks 95 s (base 0 s, 84/84 tasks cached; "
             "ft 90 s, 0/84 tasks cached)") in md

@@ -73,3 +73,42 @@ def test_holm_adjustment():
 def test_unpaired_inputs_are_refused():
     with pytest.raises(ValueError, match="same items"):
         stats.compare([1, 0], [1])
+
+
+def test_mde_solves_connors_sample_size_formula():
+    from scipy.stats import norm
+
+    z_a, z_b = norm.ppf(0.975), norm.ppf(0.8)
+    for n, psi in [(100, 0.2), (285, 0.1), (1000, 0.05)]:
+        d = stats.paired_mde(n, psi)
+        # Connor (1987): the n that detects d at 80% power with discordance psi is the n we started from
+        assert (z_a * psi ** 0.5 + z_b * (psi - d ** 2) ** 0.5) ** 2 / d ** 2 == pytest.approx(n, rel=1e-9)
+    assert stats.paired_mde(100, 0.2) == pytest.approx(0.12382, abs=1e-5)  # worked by hand
+    assert stats.paired_mde(400, 0.1) < stats.paired_mde(100, 0.1) < stats.paired_mde(100, 0.3)
+    # No observed discordance: an effect d still needs d discordant items, so the MDE stays finite.
+    assert stats.paired_mde(100, 0.0) == pytest.approx(stats.paired_mde(100, stats.paired_mde(100, 0.0)))
+    assert stats.paired_mde(3, 0.5) == 1.0  # too few items for any effect
+
+
+def test_a_difference_of_the_mde_is_found_about_80_percent_of_the_time():
+    """Simulated McNemar tests (normal approximation, as the formula) at n=400, discordance 0.15."""
+    n, psi = 400, 0.15
+    d = stats.paired_mde(n, psi)
+    rng = np.random.default_rng(0)
+    cells = rng.multinomial(n, [(psi + d) / 2, (psi - d) / 2, 1 - psi], size=4000)
+    b, c = cells[:, 0], cells[:, 1]
+    z = np.abs(b - c) / np.sqrt(np.maximum(b + c, 1))
+    assert np.mean(z > 1.959964) == pytest.approx(0.8, abs=0.03)
+
+
+def test_items_for_mde_is_the_inverse_of_the_mde():
+    n = stats.items_for_mde(0.03, 0.1)
+    assert stats.paired_mde(n, 0.1) <= 0.03 < stats.paired_mde(n - 1, 0.1)
+    assert stats.items_for_mde(0.5, 0.0) < stats.items_for_mde(0.1, 0.0)
+
+
+def test_compare_reports_the_mde_from_the_observed_discordance():
+    base = [1, 0] * 50
+    ft = [1, 1] * 25 + [0, 0] * 25  # 50 of 100 items differ
+    out = stats.compare(base, ft, iters=200)
+    assert out["discordance"] == 0.5 and out["mde"] == pytest.approx(stats.paired_mde(100, 0.5))

@@ -37,12 +37,13 @@ def aggregate(items: list[dict], tag: str) -> dict[str, float]:
 def sweep_models(model: str, base: str, offline: bool, baseline: bool) -> dict[str, dict]:
     """`sftflow eval`'s models: the one asked for as "model" (a LoRA adapter folder sits on `base`),
     plus the base itself when comparing; compared models share the base's tokenizer and chat template."""
-    from sftflow.models import resolve
+    from sftflow.models import model_digest, resolve
 
     adapter = Path(model).expanduser()
     if (adapter / "adapter_config.json").is_file():
         on = resolve(base, offline)
-        spec = {"path": on.path, "adapter": str(adapter.resolve()), "tokenizer": on.path}
+        spec = {"path": on.path, "adapter": str(adapter.resolve()), "tokenizer": on.path,
+                "digest": model_digest(on.path, str(adapter.resolve()))}
     else:
         found = resolve(model, offline)
         spec = {"path": found.path, "digest": found.digest, "tokenizer": found.path}

@@ -1,7 +1,8 @@
 """Forgetting: a fine-tuned model vs the base on the same benchmark items.
 
 One row per benchmark, per lm-eval category (mmlu_stem, ...) and per subtask: both scores, the delta
-(fine-tuned minus base), its 95% paired-bootstrap CI and a paired test (McNemar on 0/1 scores).
+(fine-tuned minus base), its 95% paired-bootstrap CI, a paired test (McNemar on 0/1 scores) and the
+minimum detectable effect (MDE) of that test at 80% power given n and the observed discordance.
 A drop is flagged when it is significant at `alpha`; subtask p-values are Holm-adjusted within their
 benchmark first, since dozens of subtasks are tested at once.
 """
@@ -66,12 +67,13 @@ def forgetting_metrics(rows: list[dict], tag: str) -> dict[str, float]:
 def to_markdown(rows: list[dict], tag: str, alpha: float) -> str:
     lines = [f"## Forgetting: {tag} minus base", "",
              f"Delta with a 95% paired-bootstrap CI; p from McNemar's exact test (subtasks: Holm-adjusted "
-             f"within the benchmark). **drop**: significant at {alpha}.", "",
-             "| scope | name | metric | n | base | " + tag + " | delta | 95% CI | p | |",
-             "|---|---|---|---:|---:|---:|---:|---|---:|---|"]
+             f"within the benchmark). **drop**: significant at {alpha}. MDE: the smallest difference the test "
+             f"finds with 80% power given n and the share of items the models answer differently.", "",
+             "| scope | name | metric | n | base | " + tag + " | delta | 95% CI | p | MDE | |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         p = _p(r)
         lines.append(f"| {r['scope']} | {r['name']} | {r['metric']} | {r['n']} | {r['base']:.3f} | {r['ft']:.3f} "
-                     f"| {r['delta']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {p:.3g} "
+                     f"| {r['delta']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {p:.3g} | {r['mde']:.3f} "
                      f"| {'**drop**' if r['significant_drop'] else ''} |")
     return "\n".join(lines)

@@ -16,32 +16,54 @@ from sftflow.results import Verdict
 from sftflow.tracking import stage_task
 
 
-def _check(name: str, metrics: dict, keys: tuple[str, str], bound: str, threshold: float, what: str) -> dict:
-    """One requirement `value >= threshold`; keys = (point delta, CI lower end), chosen by `bound`."""
+def _power(check: dict, metrics: dict, ci_low: float | None, mde_key: str, kind: str) -> dict:
+    """Flag a check whose test cannot see an effect the size of its margin: the MDE (80% power) exceeds the
+    margin and the CI does not settle it (its lower end below the threshold)."""
+    mde, threshold = metrics.get(mde_key), check["threshold"]
+    check["mde"] = mde
+    check["underpowered"] = bool(mde is not None and mde > abs(threshold) and (ci_low is None or ci_low < threshold))
+    if check["underpowered"]:
+        if kind == "drop":
+            drop = -ci_low if ci_low is not None and ci_low < 0 else mde
+            check["reason"] += (f"; underpowered (MDE {mde:.4f} > margin {abs(threshold):.4f}): cannot rule out "
+                                f"a drop of {drop:.4f}")
+        else:
+            check["reason"] += (f"; underpowered (MDE {mde:.4f} > {threshold:.4f}): a gain smaller than "
+                                f"{mde:.4f} may go undetected")
+    return check
+
+
+def _check(name: str, metrics: dict, keys: tuple[str, str, str], bound: str, threshold: float, what: str,
+           kind: str) -> dict:
+    """One requirement `value >= threshold`; keys = (point delta, CI lower end, MDE), the value chosen by
+    `bound`; kind ("gain" or "drop") words the power note."""
     field = keys[0] if bound == "point" else keys[1]
     value = metrics.get(field)
     if value is None:
         return {"check": name, "metric": field, "value": None, "threshold": threshold, "passed": False,
-                "reason": f"{name}: not measured ({field} missing)"}
+                "reason": f"{name}: not measured ({field} missing)", "mde": None, "underpowered": False}
     passed = value >= threshold
     shown = "delta" if bound == "point" else "CI lower bound"
     reason = f"{what}: {shown} {value:+.4f} {'>=' if passed else '<'} {threshold:+.4f}"
-    return {"check": name, "metric": field, "value": value, "threshold": threshold, "passed": passed,
-            "reason": reason}
+    check = {"check": name, "metric": field, "value": value, "threshold": threshold, "passed": passed,
+             "reason": reason}
+    return _power(check, metrics, metrics.get(keys[1]), keys[2], kind)
 
 
 def verdict(metrics: dict, cfg: GateConfig) -> dict:
     """{"passed": bool, "reasons": [str], "checks": [...], "model": tag, "bound": ...}.
 
     Passes when the held-out gain of `cfg.target` is at least `min_gain` and, for every benchmark in
-    `max_forgetting`, fine-tuned minus base is at least `-max_drop`. A requirement that was not measured
-    fails: a verdict never rests on a benchmark that was switched off.
+    `max_forgetting`, fine-tuned minus base is at least `-max_drop` (with `bound: ci`, the CI's lower end:
+    a non-inferiority test against the margin). A requirement that was not measured fails: a verdict never
+    rests on a benchmark that was switched off. A check whose test is underpowered for its margin says so.
     """
-    gain = (names.heldout_delta(cfg.target, model=cfg.model), names.heldout_delta(cfg.target, "ci_low", cfg.model))
-    checks = [_check("gain", metrics, gain, cfg.bound, cfg.min_gain, f"held-out {cfg.target} gain")]
+    gain = tuple(names.heldout_delta(cfg.target, s, cfg.model) for s in (None, "ci_low", "mde"))
+    checks = [_check("gain", metrics, gain, cfg.bound, cfg.min_gain, f"held-out {cfg.target} gain", "gain")]
     for bench, max_drop in cfg.max_forgetting.items():
-        drop = (names.forgetting(bench, "delta", cfg.model), names.forgetting(bench, "ci_low", cfg.model))
-        checks.append(_check(f"forgetting:{bench}", metrics, drop, cfg.bound, -max_drop, f"{bench} forgetting"))
+        drop = tuple(names.forgetting(bench, s, cfg.model) for s in ("delta", "ci_low", "mde"))
+        checks.append(_check(f"forgetting:{bench}", metrics, drop, cfg.bound, -max_drop, f"{bench} forgetting",
+                             "drop"))
     return {"passed": all(c["passed"] for c in checks), "reasons": [c["reason"] for c in checks],
             "checks": checks, "model": cfg.model, "bound": cfg.bound}
 

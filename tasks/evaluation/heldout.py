@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import json
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
+from sftflow import cache, precision, stats
 from sftflow import metrics as names
-from sftflow import stats
 from sftflow.configs.schema import HeldoutConfig
-from sftflow.models import load_causal_lm, load_tokenizer
+from sftflow.models import load_causal_lm, load_tokenizer, tokenizer_digest
 from sftflow.records import prompt_messages, read_jsonl, reference, write_jsonl
 from sftflow.results import Heldout, ModelRef
+from sftflow.stagecache import cached
 from sftflow.tasks.data.readers import DataError
 from sftflow.tasks.training.template import render, with_system
 from sftflow.tracking import stage_task
 
+STAGE = "heldout"
 
 def normalise_label(text: str) -> str:
     first = text.strip().splitlines()[0] if text.strip() else ""
@@ -87,11 +90,42 @@ def side_by_side(rows: list[dict], tags: list[str], limit: int) -> str:
     return "\n".join(out)
 
 
+def result_key(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, settings: dict,
+               chat_tokenizer: str | None) -> str | None:
+    """Cache key of a held-out comparison: the test split's content, every model's content digest and
+    tokenizer, the settings and library versions; None when a model has no content digest (a hub id)."""
+    if any(not spec.get("digest") or spec["digest"].startswith("hub:") for spec in models.values()):
+        return None
+    tokenizers = {tag: tokenizer_digest(chat_tokenizer or spec.get("adapter") or spec["path"])
+                  for tag, spec in models.items()}
+    libs = {lib: version(lib) for lib in ("torch", "transformers", "peft")}
+    return cache.key("heldout-v1", Path(test_path), {tag: spec["digest"] for tag, spec in models.items()},
+                     tokenizers, cfg, settings, precision.inference(), libs)
+
+
 def heldout(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out_dir: Path,
             system_prompt: str | None = None, trust_remote_code: bool = False, bootstrap_iters: int = 2000,
             seed: int = 0, chat_tokenizer: str | None = None) -> Heldout:
-    """models: {"base": {"path", "adapter"}, "ft": {...}, ...} -> per-model scores, deltas vs base with 95% CIs,
-    macro-F1 and confusion tables for labelled data, predictions and side-by-side examples."""
+    """models: {"base": {"path", "adapter", "digest"?}, "ft": {...}, ...} -> per-model scores, deltas vs base
+    with 95% CIs, macro-F1 and confusion tables for labelled data, predictions and side-by-side examples.
+    When every model carries a content digest, an unchanged rerun reads the cached result (heldout/cache_hit)."""
+    settings = {"system_prompt": system_prompt, "bootstrap_iters": bootstrap_iters, "seed": seed}
+
+    def compute(folder: Path) -> Heldout:
+        return _evaluate(test_path, models, cfg, folder, system_prompt, trust_remote_code, bootstrap_iters, seed,
+                         chat_tokenizer)
+
+    key = result_key(test_path, models, cfg, settings, chat_tokenizer)
+    if key is None:
+        result = compute(out_dir)
+        result["metrics"][names.stage_cache_hit(STAGE)] = 0
+        return result
+    return cached(STAGE, key, out_dir, compute)
+
+
+def _evaluate(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out_dir: Path,
+              system_prompt: str | None, trust_remote_code: bool, bootstrap_iters: int, seed: int,
+              chat_tokenizer: str | None) -> Heldout:
     records = list(read_jsonl(Path(test_path)))[: cfg.limit]
     if not records:
         raise DataError(f"{test_path}: the test split is empty; raise split.test_ratio or add data")
@@ -102,7 +136,7 @@ def heldout(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out
     for tag, spec in models.items():
         # One chat template for every model (the training one, when given), so prompts are identical.
         tok = load_tokenizer(chat_tokenizer or spec.get("adapter") or spec["path"], trust_remote_code)
-        model = load_causal_lm(spec["path"], trust_remote_code, adapter=spec.get("adapter")).eval()
+        model = load_causal_lm(spec["path"], trust_remote_code, adapter=spec.get("adapter"), merge=True).eval()
         start = time.perf_counter()
         preds[tag] = generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
         metrics[names.heldout(tag, "wall_s")] = time.perf_counter() - start
@@ -136,4 +170,4 @@ def heldout(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out
             "artifacts": [out_dir / "predictions.jsonl", out_dir / "heldout.json", out_dir / "examples.md"]}
 
 
-heldout_task = stage_task(heldout, "heldout")
+heldout_task = stage_task(heldout, STAGE)

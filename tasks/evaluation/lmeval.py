@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sftflow import cache, precision
 from sftflow.configs.schema import EvalConfig
+from sftflow.models import load_causal_lm, tokenizer_digest
 from sftflow.records import read_jsonl, write_jsonl
 from sftflow.tasks.evaluation.mirror import EvalTask
 
@@ -32,37 +33,31 @@ def per_item(result: dict, task: EvalTask) -> Iterator[dict]:
                        "score": float(s[metric]), "prompt": s["arguments"][0][0]}
 
 
+def lm_eval_model(model: dict, cfg: EvalConfig, trust_remote_code: bool):
+    """lm-eval's HF model around our own loaded model: a LoRA adapter merged into its base in memory (the
+    same scores as lm-eval's `peft=` route, without the adapter's extra matmuls in every forward pass)."""
+    from lm_eval.models.huggingface import HFLM
+
+    loaded = load_causal_lm(model["path"], trust_remote_code, adapter=model.get("adapter"), merge=True).eval()
+    return HFLM(pretrained=loaded, tokenizer=model.get("tokenizer") or model["path"], batch_size=cfg.batch_size,
+                trust_remote_code=trust_remote_code)
+
+
 def run_lm_eval(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig, trust_remote_code: bool) -> dict:
-    import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    model_args = {"pretrained": model["path"], "dtype": precision.inference(), "trust_remote_code": trust_remote_code}
-    if model.get("adapter"):
-        model_args["peft"] = model["adapter"]
-    if model.get("tokenizer"):
-        model_args["tokenizer"] = model["tokenizer"]
     stock = any(t.stock for t in tasks)  # indexing lm-eval's own tasks costs seconds
     return simple_evaluate(
-        model="hf", model_args=model_args, tasks=[t.name for t in tasks], batch_size=cfg.batch_size,
-        device="cuda" if torch.cuda.is_available() else "cpu", log_samples=True, bootstrap_iters=0,
+        model=lm_eval_model(model, cfg, trust_remote_code), tasks=[t.name for t in tasks],
+        log_samples=True, bootstrap_iters=0,
         limit=cfg.tasks_limit if stock else None, apply_chat_template=cfg.apply_chat_template,
         task_manager=TaskManager(include_path=str(include), include_defaults=stock),
         random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
         fewshot_random_seed=cfg.seed)
 
 
-def _tokenizer_digest(path: str) -> str:
-    """Tokenizer files only (the chat template lives there); a hub id stands for itself."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return f"hub:{path}"
-    files = sorted(p for p in folder.iterdir() if p.is_file() and
-                   (p.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges"))))
-    return cache.key(files)
-
-
-ITEMS_FORMAT = 1  # bump when the per-item rows change shape, so older cache entries are not read
+ITEMS_FORMAT = 2  # bump when the per-item rows change shape, so older cache entries are not read
 
 
 def lm_eval_version() -> str:
@@ -77,7 +72,7 @@ def result_key(model: dict, task: EvalTask, cfg: EvalConfig) -> str | None:
     if not model.get("digest") or model["digest"].startswith("hub:"):
         return None
     return cache.key("lm-eval", ITEMS_FORMAT, lm_eval_version(), model["digest"],
-                     _tokenizer_digest(model.get("tokenizer") or model["path"]), task.fingerprint,
+                     tokenizer_digest(model.get("tokenizer") or model["path"]), task.fingerprint,
                      {"chat": cfg.apply_chat_template, "seed": cfg.seed, "tasks_limit": cfg.tasks_limit,
                       "dtype": precision.inference()})
 

@@ -8,16 +8,19 @@ seeded per-subtask sample; few-shot sources are copied whole.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from sftflow import cache
+from sftflow import cache, stats
 from sftflow.configs.schema import BenchmarkConfig, EvalConfig
 from sftflow.records import write_jsonl
 from sftflow.tasks.evaluation.mirrors import BENCHMARKS, check, stock_tasks_dir, unknown_subtasks
+
+log = logging.getLogger("sftflow.eval")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,44 @@ def sample(rows: list[dict], limit: int | None, seed: str) -> list[dict]:
     return [rows[i] for i in keep]
 
 
+def limit_for_mde(sizes: list[int], mde: float, discordance: float, alpha: float = 0.05) -> int | None:
+    """The smallest per-subtask limit whose items (each subtask capped at its size) give the benchmark's
+    paired comparison an MDE of at most `mde` at 80% power; None (every item) when even all are too few."""
+    need = stats.items_for_mde(mde, discordance, alpha)
+    if sum(sizes) < need:
+        return None
+    low, high = 1, max(sizes)
+    while low < high:  # items grow with the limit: bisect
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if sum(min(mid, s) for s in sizes) < need else (low, mid)
+    return low
+
+
+def _limit(name: str, cfg: BenchmarkConfig, sizes: list[int], alpha: float) -> int | None:
+    if cfg.mde is None:
+        return cfg.limit
+    limit = limit_for_mde(sizes, cfg.mde, cfg.assumed_discordance, alpha)
+    items = sum(sizes if limit is None else (min(limit, s) for s in sizes))
+    reached = stats.paired_mde(items, cfg.assumed_discordance, alpha)
+    log.log(logging.INFO if reached <= cfg.mde else logging.WARNING,
+            "eval.%s.mde %.3f (assumed discordance %.2f): %s items per subtask, %d in all, MDE %.3f",
+            name, cfg.mde, cfg.assumed_discordance, limit or "all", items, reached)
+    return limit
+
+
+def _generation(stock_yaml: Path, name: str, cfg: BenchmarkConfig) -> dict:
+    """The stock generation settings (stop sequences included) with the configured budget; YAML `include`
+    replaces a top-level key whole, so the mirror repeats the stock ones beside max_gen_toks."""
+    if cfg.max_gen_toks is None:
+        return {}
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    stock = load_yaml(stock_yaml, resolve_func=False, recursive=True).get("generation_kwargs")
+    if stock is None:
+        raise ValueError(f"eval.{name}.max_gen_toks: {name} scores choices by likelihood and generates nothing")
+    return {"generation_kwargs": {**stock, "max_gen_toks": cfg.max_gen_toks}}
+
+
 def stock_category(stock_yaml: Path) -> str | None:
     """lm-eval's own grouping of a subtask: mmlu_anatomy's tag `mmlu_stem_tasks` -> `mmlu_stem`."""
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -48,7 +89,8 @@ def stock_category(stock_yaml: Path) -> str | None:
     return tag.removesuffix("_tasks") if isinstance(tag, str) else None
 
 
-def build_mirror(name: str, cfg: BenchmarkConfig, benchmark_root: Path, seed: int, out_dir: Path) -> list[EvalTask]:
+def build_mirror(name: str, cfg: BenchmarkConfig, benchmark_root: Path, seed: int, out_dir: Path,
+                 alpha: float = 0.05) -> list[EvalTask]:
     """Write data files and task YAMLs for one benchmark (originals read under eval.benchmark_root)."""
     bench = BENCHMARKS[name]
     if problem := unknown_subtasks(name, cfg.subtasks):
@@ -57,10 +99,12 @@ def build_mirror(name: str, cfg: BenchmarkConfig, benchmark_root: Path, seed: in
     src = benchmark_root / bench.folder
     chosen = bench.subtasks(cfg.subtasks)
     stock = stock_tasks_dir()
+    rows = {sub: bench.rows(src, sub, "test") for sub in chosen}
+    limit = _limit(name, cfg, [len(r) for r in rows.values()], alpha)
     tasks = []
     for sub in chosen:
         files = {"test": out_dir / name / f"{sub}.test.jsonl"}
-        write_jsonl(files["test"], sample(bench.rows(src, sub, "test"), cfg.limit, f"{seed}:{name}:{sub}"))
+        write_jsonl(files["test"], sample(rows[sub], limit, f"{seed}:{name}:{sub}"))
         for split in bench.extra_splits:
             files[split] = out_dir / name / f"{sub}.{split}.jsonl"
             write_jsonl(files[split], bench.rows(src, sub, split))
@@ -69,9 +113,9 @@ def build_mirror(name: str, cfg: BenchmarkConfig, benchmark_root: Path, seed: in
         spec = {"include": str(stock_yaml), "task": task, "tag": f"sftflow_{name}",
                 "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {k: str(v) for k, v in files.items()}},
-                "num_fewshot": cfg.num_fewshot, **(bench.scoring or {})}
+                "num_fewshot": cfg.num_fewshot, **(bench.scoring or {}), **_generation(stock_yaml, name, cfg)}
         (out_dir / name / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        fingerprint = cache.key(stock_yaml, files, bench.scoring, cfg.num_fewshot)
+        fingerprint = cache.key(stock_yaml, files, bench.scoring, cfg.num_fewshot, spec.get("generation_kwargs"))
         tasks.append(EvalTask(task, name, sub, stock_category(stock_yaml), fingerprint))
     return tasks
 
@@ -83,5 +127,5 @@ def stock_tasks(names: list[str], limit: int | None) -> list[EvalTask]:
 
 def sweep_tasks(cfg: EvalConfig, mirror: Path) -> list[EvalTask]:
     tasks = [t for name in BENCHMARKS if getattr(cfg, name).enabled
-             for t in build_mirror(name, getattr(cfg, name), Path(cfg.benchmark_root), cfg.seed, mirror)]
+             for t in build_mirror(name, getattr(cfg, name), Path(cfg.benchmark_root), cfg.seed, mirror, cfg.alpha)]
     return tasks + stock_tasks(cfg.tasks, cfg.tasks_limit)

@@ -28,7 +28,7 @@ def summary_rows(metrics: dict, forgetting: list[dict]) -> list[dict]:
             continue
         rows.append({"measure": f"{r['name']} {r['metric']}", "base": r["base"], "fine-tuned": r["ft"],
                      "delta": r["delta"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_value": r["p_value"],
-                     "n": r["n"], "flag": "significant drop" if r["significant_drop"] else ""})
+                     "mde": r.get("mde"), "n": r["n"], "flag": "significant drop" if r["significant_drop"] else ""})
     return rows
 
 
@@ -52,11 +52,12 @@ def timing(metrics: dict) -> str:
 
 
 def to_markdown(rows: list[dict], verdict: dict | None = None, footer: str = "") -> str:
-    lines = ["| measure | base | fine-tuned | delta | 95% CI | p | n | |", "|---|---:|---:|---:|---|---:|---:|---|"]
+    lines = ["| measure | base | fine-tuned | delta | 95% CI | p | MDE | n | |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         ci = "–" if r["ci_low"] is None else f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
         lines.append(f"| {r['measure']} | {r['base']:.3f} | {r['fine-tuned']:.3f} | {r['delta']:+.3f} | {ci} "
-                     f"| {_fmt(r['p_value'], '.3g')} | {r['n']} | {r['flag']} |")
+                     f"| {_fmt(r['p_value'], '.3g')} | {_fmt(r.get('mde'), '.3f')} | {r['n']} | {r['flag']} |")
     if verdict is not None:
         lines += ["", f"**Promotion gate ({verdict['model']}, {verdict['bound']}): "
                       f"{'PASSED' if verdict['passed'] else 'FAILED'}**", ""]
