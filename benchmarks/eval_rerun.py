@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--models", default=str(REPO / ".sftflow" / "models"))
     args = parser.parse_args()
+    config = Path(args.config).resolve()
     os.chdir(REPO)  # configs name data relative to the repository
     home = fresh_home(Path(args.models).resolve())
 
@@ -45,7 +46,7 @@ def main() -> None:
     from sftflow.configs.loader import load_config
     from sftflow.flows.sft_pipeline import sft_pipeline
 
-    cfg = load_config(Path(args.config), args.overrides)
+    cfg = load_config(config, args.overrides)
     walls, runs = [], []
     for _ in range(2):
         start = time.perf_counter()
@@ -53,7 +54,7 @@ def main() -> None:
         walls.append(time.perf_counter() - start)
     first, again = (MlflowClient().get_run(r["mlflow_run_id"]).data.metrics for r in runs)
     evaluated = sum(v for k, v in again.items() if k.endswith("/evaluated_tasks"))
-    print(f"state dir {home}, config {args.config} {' '.join(args.overrides)}")
+    print(f"state dir {home}, config {config} {' '.join(args.overrides)}")
     print(f"first run {walls[0]:.1f} s, unchanged rerun {walls[1]:.1f} s, "
           f"ratio {walls[1] / walls[0]:.3f} (target <= 0.05)")
     print(f"rerun: trained: {'no' if again.get('train/cache_hit') == 1 else 'yes'}, "
