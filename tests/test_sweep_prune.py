@@ -112,3 +112,14 @@ def test_a_pruned_stage_ends_its_run_and_the_parent_killed_with_the_reason(tmp_p
     stage = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
     for run in (stage, client.get_run(parent.info.run_id)):
         assert run.info.status == "KILLED" and run.data.tags[hooks.PRUNED_TAG].startswith("pruned at step 4")
+
+
+def test_prefect_console_drops_the_records_of_a_pruned_training():
+    def record(name: str, msg: str, exc: BaseException | None = None) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, (type(exc), exc, None) if exc else None)
+
+    assert is_user_error_record(record("prefect.task_runs", "Task run failed with exception",
+                                       hooks.TrainingPruned("pruned at step 4: validation loss 6.2")))
+    assert is_user_error_record(record("prefect.flow_runs", "Finished in state Failed('Flow run encountered an "
+                                                            "exception: TrainingPruned: pruned at step 4')"))
+    assert not is_user_error_record(record("prefect.task_runs", "Task run failed", RuntimeError("a real bug")))
