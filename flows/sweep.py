@@ -3,7 +3,8 @@
 config + space file -> Optuna study (grid, TPE constrained on forgetting, or random; SQLite beside the MLflow
 store) -> each trial: the space's values as overrides -> sft_pipeline nested under the sweep's MLflow run ->
 scored with the gate's measures, or pruned on validation loss during training (sweep_prune) -> Pareto table and
-plot, the best trial that passes the gate (registered as challenger on request). The data stages and the base model's benchmarks come from the caches after trial one.
+plot, the best trial that passes the gate (registered as challenger on request). The data stages and the base
+model's benchmarks come from the caches after trial one.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ pruner), and the way such a callback stops a training on purpose.
 
 `train_callbacks` is read by the trainer builder of an in-process training (tasks/training/trainer.py); set it
 around the pipeline call. Prefect runs a directly called task in the caller's thread and context, so the value
-reaches the train stage (tests/test_sweep_prune.py). Trainings launched as `accelerate` worker processes do not
+reaches the train stage (tests/test_sweep_e2e.py). Trainings launched as `accelerate` worker processes do not
 see it: no callback runs there.
 
 A callback that raises `TrainingPruned` ends the training: its work folder is dropped (nothing cached), the stage

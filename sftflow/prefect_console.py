@@ -2,8 +2,9 @@
 
 Prefect logs a failing task and flow with full tracebacks, then their failed states; for a user error
 (sftflow.errors.UserError) that is 40-60 lines on the terminal before the CLI's one-line message, and a pruned
-training (sftflow.hooks.TrainingPruned) is no error at all. This handler drops those records from the terminal only: Prefect's API handler still sends them to the Prefect UI, and the
-CLI writes the traceback to the run's log file. env.configure installs it through Prefect's own setting
+training (sftflow.hooks.TrainingPruned) is no error at all. This handler drops those records from the terminal
+only: Prefect's API handler still sends them to the Prefect UI, and the CLI writes the traceback to the run's log
+file. env.configure installs it through Prefect's own setting
 PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS; `sftflow --debug` shows everything.
 """
 

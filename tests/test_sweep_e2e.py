@@ -189,7 +189,8 @@ def test_a_pruned_trial_stops_before_evaluation_and_the_sweep_finishes_the_other
     runs = {int(r.data.params["train.max_steps"]): r for r in nested(result["mlflow_run_id"])}
     assert runs[2].info.status == "FINISHED" and runs[6].info.status == "KILLED"
     assert runs[6].data.tags[PRUNED_TAG].startswith("pruned at step 4: validation loss")
-    assert runs[6].data.tags[study_state.STATE_TAG] == "pruned" and runs[2].data.tags[study_state.STATE_TAG] == "complete"
+    assert runs[6].data.tags[study_state.STATE_TAG] == "pruned"
+    assert runs[2].data.tags[study_state.STATE_TAG] == "complete"
     stages = {r.data.tags["sftflow.stage"]: r.info.status for r in client.search_runs(
         [runs[6].info.experiment_id], f"tags.mlflow.parentRunId = '{runs[6].info.run_id}'")}
     assert stages == {"model": "FINISHED", "load": "FINISHED", "curate": "FINISHED", "split": "FINISHED",
@@ -200,7 +201,8 @@ def test_a_pruned_trial_stops_before_evaluation_and_the_sweep_finishes_the_other
     assert metrics["sweep/n_pruned"] == 1 and metrics["sweep/n_failed"] == 0 and metrics["sweep/n_trials"] == 2
     views = {v.run_id: v for v in compare.views([result["study"]])}  # compare shows it, marked pruned
     assert set(views) == {runs[2].info.run_id, runs[6].info.run_id}
-    assert views[runs[6].info.run_id].pruned.startswith("pruned at step 4") and views[runs[2].info.run_id].pruned is None
+    assert views[runs[6].info.run_id].pruned.startswith("pruned at step 4")
+    assert views[runs[2].info.run_id].pruned is None
     assert ("pruned", [views[r].pruned for r in views]) in compare.table(list(views.values()))[1]
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_record, template_splits
 from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
-from optuna.trial import TrialState, create_trial
+from optuna.trial import create_trial
 
 from sftflow import cache, hooks
 from sftflow.configs.training import TrainConfig
@@ -50,7 +50,8 @@ def test_the_pruner_defaults_to_median_for_searches_and_none_for_grids(tmp_path)
     threshold = space.pruner(load(tmp_path, f"n_trials: 3\npruner: {{type: threshold, max_val_loss: 2.5}}\n{SPACE}"))
     assert threshold._lower == -2.5  # trials report -loss: a loss above 2.5 is a value below -2.5
     # The pruner is not part of the study's identity: changing it resumes the same study.
-    assert load(tmp_path, f"n_trials: 3\npruner: none\n{SPACE}").digest() == load(tmp_path, f"n_trials: 3\n{SPACE}").digest()
+    assert load(tmp_path, f"n_trials: 3\npruner: none\n{SPACE}").digest() == \
+        load(tmp_path, f"n_trials: 3\n{SPACE}").digest()
     with pytest.raises(space.SweepError, match="pruner"):
         load(tmp_path, f"n_trials: 3\npruner: hyperband\n{SPACE}")
     with pytest.raises(space.SweepError, match="max_val_loss"):

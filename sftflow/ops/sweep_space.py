@@ -193,8 +193,8 @@ def sampler(spec: SweepSpec, constraints=None):
 
 
 def pruner(spec: SweepSpec):
-    """The Optuna pruner (NopPruner for none: Optuna's default would be a median one). Trials report the negated validation loss (the study maximises), so a
-    threshold on the loss is a lower bound on what they report."""
+    """The Optuna pruner (NopPruner for none: Optuna's default would be a median one). Trials report the negated
+    validation loss (the study maximises), so a threshold on the loss is a lower bound on what they report."""
     p = spec.pruner
     if isinstance(p, MedianPruner):
         return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
