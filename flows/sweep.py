@@ -2,8 +2,9 @@
 
 config + space file -> Optuna study (grid, TPE constrained on forgetting, or random; SQLite beside the MLflow
 store) -> each trial: the space's values as overrides -> sft_pipeline nested under the sweep's MLflow run ->
-scored with the gate's measures -> Pareto table and plot, the best trial that passes the gate (registered as
-challenger on request). The data stages and the base model's benchmarks come from the caches after trial one.
+scored with the gate's measures, or pruned on validation loss during training (sweep_prune) -> Pareto table and
+plot, the best trial that passes the gate (registered as challenger on request). The data stages and the base
+model's benchmarks come from the caches after trial one.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from threading import Lock
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from sftflow import charts, env
+from sftflow import charts, env, hooks
 from sftflow.flows.retrain import PACKAGED_CONFIGS, config_path, fingerprint, resolve_config
 from sftflow.ops import fence, registry
 from sftflow.ops import sweep_pareto as pareto
+from sftflow.ops import sweep_prune as prune
 from sftflow.ops import sweep_space as space
 from sftflow.ops import sweep_study as study_state
 
@@ -43,18 +45,24 @@ def run_trial(study, spec: space.SweepSpec, config_file: str, base_overrides: li
     trial = study.ask(space.distributions(spec))
     study_state.claim(trial)
     params, run_id = dict(trial.params), None
+    reporter = None if spec.pruner.type == "none" else prune.val_loss_reporter(trial)
     try:
         cfg = _trial_config(config_file, base_overrides, params, guard)
-        state = sft_pipeline.with_options(flow_run_name=f"{study.study_name}-trial-{trial.number}")(
-            config=cfg, nest_under=sweep_run_id, return_state=True)
+        hook = hooks.train_callbacks.set((reporter,) if reporter else ())
+        try:
+            state = sft_pipeline.with_options(flow_run_name=f"{study.study_name}-trial-{trial.number}")(
+                config=cfg, nest_under=sweep_run_id, return_state=True)
+        finally:
+            hooks.train_callbacks.reset(hook)
         found = MlflowClient().search_runs([study_state.open_experiment(cfg, state_dir)], max_results=1,
                                            filter_string=f"tags.`prefect.flow_run_id` = "
                                                          f"'{state.state_details.flow_run_id}'")
         run_id = found[0].info.run_id if found else None
-        if not state.is_completed():
+        pruned = reporter.pruned if reporter is not None and not state.is_completed() else None
+        if not state.is_completed() and not pruned:
             raise RuntimeError(f"pipeline {state.name}: {state.message}")
-        scored = pareto.score(found[0].data.metrics, cfg.gate)
-        if scored["gain"] is None:
+        scored = None if pruned else pareto.score(found[0].data.metrics, cfg.gate)
+        if scored and scored["gain"] is None:
             raise RuntimeError("; ".join(scored["reasons"]))
     except fence.FenceError:
         study.tell(trial, state=TrialState.FAIL)
@@ -64,13 +72,22 @@ def run_trial(study, spec: space.SweepSpec, config_file: str, base_overrides: li
         trial.set_user_attr("error", str(exc)[:1000])
         if run_id:
             trial.set_user_attr(study_state.RUN_ID, run_id)
-            study_state.record_trial(run_id, trial.number, study.study_name, params, None)
+            study_state.record_trial(run_id, trial.number, study.study_name, params, None, "fail")
         study.tell(trial, state=TrialState.FAIL)
         return {"trial": trial.number, "params": params, "state": "FAIL", "run_id": run_id, "error": str(exc)}
+    if pruned:  # an outcome, not a failure: Optuna's samplers learn from it, the evaluation stages never ran
+        trial.set_user_attr("pruned", pruned)
+        if run_id:
+            trial.set_user_attr(study_state.RUN_ID, run_id)
+            study_state.record_trial(run_id, trial.number, study.study_name, params, None, "pruned")
+        study.tell(trial, state=TrialState.PRUNED)
+        logger.warning(f"trial {trial.number} {params} pruned at step {pruned['step']}: validation loss "
+                       f"{pruned['val_loss']:.4g}")
+        return {"trial": trial.number, "params": params, "state": "PRUNED", "run_id": run_id, **pruned}
     for key in (*study_state.SCORE_KEYS, "constraints"):
         trial.set_user_attr(key, scored[key])
     trial.set_user_attr(study_state.RUN_ID, run_id)
-    study_state.record_trial(run_id, trial.number, study.study_name, params, scored)
+    study_state.record_trial(run_id, trial.number, study.study_name, params, scored, "complete")
     study.tell(trial, scored["gain"])
     logger.info(f"trial {trial.number} {params}: gain {pareto.fmt(scored['gain'], True)}, worst forgetting "
                 f"{pareto.fmt(scored['worst_forgetting'], True)}, gate {'passed' if scored['passed'] else 'failed'}")
@@ -116,7 +133,8 @@ def publish(results: list[dict], spec: space.SweepSpec, base_cfg, sweep_run_id: 
     client = mlflow.MlflowClient()
     for p in paths:
         client.log_artifact(sweep_run_id, str(p))
-    summary = {"sweep/n_trials": len(results), "sweep/n_failed": sum(r["state"] != "COMPLETE" for r in results),
+    summary = {"sweep/n_trials": len(results), "sweep/n_failed": sum(r["state"] == "FAIL" for r in results),
+               "sweep/n_pruned": sum(r["state"] == "PRUNED" for r in results),
                "sweep/n_passed": sum(bool(r.get("passed")) for r in results), "sweep/n_pareto": len(front)}
     if best:
         summary |= {"sweep/best_trial": best["trial"], "sweep/best_gain": best["gain"],
@@ -156,6 +174,9 @@ def sweep(config_file: str = "configs/demo.yaml", space_file: str = "configs/swe
     start, done = time.perf_counter(), len(study_state.finished(study))
     todo = max(0, spec.trials() - done)
     logger.info(f"sweep {name}: {done} trial(s) finished before, {todo} to run; MLflow run {sweep_run_id}")
+    if spec.pruner.type != "none" and base.train.launcher.kind != "inprocess":
+        logger.warning("pruning needs train.launcher.kind=inprocess (workers run no callbacks of this process): "
+                       "every trial trains to the end")
     try:
         run_trials(todo, spec.concurrency,
                    lambda: run_trial(study, spec, config_file, base_overrides, sweep_run_id, guard, state))

@@ -18,7 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from sftflow import env, errors
+from sftflow import env, errors, hooks
 from sftflow.links import prefect_flow_run_url
 from sftflow.metrics import stage_duration
 from sftflow.redact import redact
@@ -194,7 +194,8 @@ def run_stage(name: str, fn: Callable, ctx: RunContext, *args, **kwargs) -> dict
 
     out_dir = ctx.stage_dir(name)
     with mlflow.start_run(experiment_id=ctx.experiment_id, run_name=name, parent_run_id=ctx.parent_run_id,
-                          nested=True, tags={"sftflow.stage": name, **process_tags()}) as run:
+                          nested=True, tags={"sftflow.stage": name, **process_tags()}) as run, \
+            hooks.pruned_run_ends_killed():
         start = time.perf_counter()
         result = fn(*args, out_dir=out_dir, **kwargs) or {}
         duration = time.perf_counter() - start
@@ -235,10 +236,8 @@ def log_summary(name: str, metrics: dict, duration: float) -> None:
 
 
 def stage_task(fn: Callable, name: str, **task_kwargs) -> Callable:
-    """Thin Prefect wrapper: task(ctx, *args) -> run_stage(name, fn, ctx, *args).
-
-    Stages pass file paths, not data, so results need no persistence; caching is per stage.
-    """
+    """Thin Prefect wrapper: task(ctx, *args) -> run_stage(name, fn, ctx, *args). Stages pass file paths, not
+    data, so results need no persistence; caching is per stage."""
     def wrapper(ctx: RunContext, *args, **kwargs):
         with tracking_errors():
             return run_stage(name, fn, ctx, *args, **kwargs)
@@ -293,7 +292,8 @@ def parent_run(cfg, state: Path, flow_run_id: str, flow_run_name: str,
         (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False))
         mlflow.log_artifact(str(run_dir / "config.yaml"))
         try:
-            yield RunContext(run_dir=str(run_dir), parent_run_id=run.info.run_id, experiment_id=exp_id)
+            with hooks.pruned_run_ends_killed():
+                yield RunContext(run_dir=str(run_dir), parent_run_id=run.info.run_id, experiment_id=exp_id)
         except errors.UserError as exc:
             errors.attach_run_dir(exc, run_dir)
             raise

@@ -167,3 +167,71 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(prefect_server, 
         f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}' and attributes.status = 'KILLED'"))
     assert len(killed) == 1  # the killed trial's pipeline run, closed by the next run
     assert [r["trial"] for r in result["results"]] == [0, 2]
+
+
+@pytest.mark.e2e
+def test_a_pruned_trial_stops_before_evaluation_and_the_sweep_finishes_the_other(prefect_server, data_root, tmp_path):
+    from sftflow.flows.sweep import sweep
+    from sftflow.hooks import PRUNED_TAG
+
+    # Deterministic: any loss is above 0, but nothing is pruned before step 3. max_steps 2 validates at step 2
+    # only and completes; max_steps 6 validates at 2, then at 4, where it is pruned.
+    space = tmp_path / "prune.yaml"
+    space.write_text("sampler: grid\nparams:\n  train.max_steps: [2, 6]\n"
+                     "pruner: {type: threshold, max_val_loss: 0.0, n_warmup_steps: 3}\n"
+                     f"overrides: [train.eval_steps=2, {CHEAP[1:]}\n")
+    overrides = [f"data.root={data_root}", "name=smoke-prune"]
+    result = sweep(config_file=SMOKE, space_file=str(space), overrides=overrides)
+    trials = {t.params["train.max_steps"]: t for t in study(overrides, space).get_trials()}
+    assert {k: t.state.name for k, t in trials.items()} == {2: "COMPLETE", 6: "PRUNED"}
+    assert sorted(trials[6].intermediate_values) == [2, 4] and trials[6].user_attrs["pruned"]["step"] == 4
+    client = MlflowClient()
+    runs = {int(r.data.params["train.max_steps"]): r for r in nested(result["mlflow_run_id"])}
+    assert runs[2].info.status == "FINISHED" and runs[6].info.status == "KILLED"
+    assert runs[6].data.tags[PRUNED_TAG].startswith("pruned at step 4: validation loss")
+    assert runs[6].data.tags[study_state.STATE_TAG] == "pruned"
+    assert runs[2].data.tags[study_state.STATE_TAG] == "complete"
+    stages = {r.data.tags["sftflow.stage"]: r.info.status for r in client.search_runs(
+        [runs[6].info.experiment_id], f"tags.mlflow.parentRunId = '{runs[6].info.run_id}'")}
+    assert stages == {"model": "FINISHED", "load": "FINISHED", "curate": "FINISHED", "split": "FINISHED",
+                      "template": "FINISHED", "train": "KILLED"}  # no heldout, benchmarks, gate or report
+    row = next(line for line in result["table"].splitlines() if line.startswith(f"| {trials[6].number} |"))
+    assert "PRUNED" in row and trials[6].number not in result["front"]
+    metrics = client.get_run(result["mlflow_run_id"]).data.metrics
+    assert metrics["sweep/n_pruned"] == 1 and metrics["sweep/n_failed"] == 0 and metrics["sweep/n_trials"] == 2
+    views = {v.run_id: v for v in compare.views([result["study"]])}  # compare shows it, marked pruned
+    assert set(views) == {runs[2].info.run_id, runs[6].info.run_id}
+    assert views[runs[6].info.run_id].pruned.startswith("pruned at step 4")
+    assert views[runs[2].info.run_id].pruned is None
+    assert ("pruned", [views[r].pruned for r in views]) in compare.table(list(views.values()))[1]
+
+
+def test_the_train_hook_reaches_a_task_in_a_subflow_and_a_pruned_task_fails_only_that_subflow(prefect_server):
+    from prefect import flow, task
+
+    from sftflow import hooks
+
+    @task
+    def stage():
+        if "prune" in hooks.train_callbacks.get():
+            raise hooks.TrainingPruned("pruned at step 1")
+        return hooks.train_callbacks.get()
+
+    @flow
+    def pipeline():
+        return stage()
+
+    @flow
+    def caller():
+        states = {}
+        for value in ("keep", "prune"):  # as flows/sweep.py sets it around each trial's pipeline
+            token = hooks.train_callbacks.set((value,))
+            try:
+                states[value] = pipeline(return_state=True)
+            finally:
+                hooks.train_callbacks.reset(token)
+        return {k: (s.is_completed(), s.result(raise_on_failure=False)) for k, s in states.items()}
+
+    out = caller()
+    assert out["keep"] == (True, ("keep",))
+    assert out["prune"][0] is False and isinstance(out["prune"][1], hooks.TrainingPruned)

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from sftflow import charts
 from sftflow import metrics as names
 from sftflow.errors import UserError
+from sftflow.hooks import PRUNED_TAG
 
 
 @dataclass
@@ -30,6 +31,7 @@ class RunView:
     metrics: dict
     wall_s: float | None
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    pruned: str | None = None  # why a sweep's pruner stopped this run's training (hooks.PRUNED_TAG)
 
 
 class CompareError(UserError, ValueError):
@@ -42,7 +44,8 @@ def is_pipeline_run(run) -> bool:
 
 
 def sweep_trials(ref: str, client: MlflowClient) -> list | None:
-    """A sweep (its MLflow run id or study name) -> its finished trial runs; None when ref names no sweep."""
+    """A sweep (its MLflow run id or study name) -> its finished and pruned trial runs (not crashed ones); None
+    when ref names no sweep."""
     found = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], max_results=1,
         filter_string=f"tags.`sftflow.sweep` = '{ref}' and attributes.run_name = '{ref}'") if "'" not in ref else []
@@ -54,10 +57,9 @@ def sweep_trials(ref: str, client: MlflowClient) -> list | None:
             return None
         if "sftflow.sweep" not in sweep.data.tags or is_pipeline_run(sweep):
             return None
-    trials = client.search_runs([sweep.info.experiment_id], "attributes.status = 'FINISHED' and "
-                                f"tags.mlflow.parentRunId = '{sweep.info.run_id}'",
+    trials = client.search_runs([sweep.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'",
                                 order_by=["attributes.start_time ASC"])
-    return [r for r in trials if is_pipeline_run(r)]
+    return [r for r in trials if is_pipeline_run(r) and (r.info.status == "FINISHED" or PRUNED_TAG in r.data.tags)]
 
 
 def resolve(refs: list[str], client: MlflowClient) -> list:
@@ -108,7 +110,8 @@ def views(refs: list[str], client: MlflowClient | None = None) -> list[RunView]:
         end = run.info.end_time
         out.append(RunView(run.info.run_id, run.info.run_name or run.info.run_id, run.info.experiment_id,
                            dict(run.data.params), dict(run.data.metrics),
-                           (end - run.info.start_time) / 1000 if end else None, _loss_curve(client, run)))
+                           (end - run.info.start_time) / 1000 if end else None, _loss_curve(client, run),
+                           run.data.tags.get(PRUNED_TAG)))
     return out
 
 
@@ -121,6 +124,8 @@ def table(runs: list[RunView]) -> tuple[list[str], list[tuple[str, list]]]:
     """(column headers, rows): each row is (label, one value per run)."""
     metric_names = sorted({k for r in runs for k in r.metrics})
     rows: list[tuple[str, list]] = [(f"config {k}", v) for k, v in config_differences(runs).items()]
+    if any(r.pruned for r in runs):  # a pruned trial has no evaluation: say why its cells are empty
+        rows.append(("pruned", [r.pruned for r in runs]))
     gains = {k: g for k in metric_names if (g := names.parse_heldout_delta(k))}
     rows += [(f"gain {g.label}", [r.metrics.get(k) for r in runs]) for k, g in gains.items()]
     drops = {k: f for k in metric_names if (f := names.parse_forgetting(k)) and f.stat == "delta"}

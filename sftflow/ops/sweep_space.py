@@ -9,6 +9,8 @@ params:                  # dotted config keys, as `--set` takes them
   train.max_steps: {type: int, low: 4, high: 12, step: 4}
 overrides: [eval.mmlu.limit=10]   # applied to every trial, before its own values
 concurrency: 1                    # trials at once (threads of this process); default 1
+pruner: median   # on validation loss: median (default for tpe/random) | none (default for grid) |
+                 # {type: median, n_startup_trials: 5, n_warmup_steps: 0} | {type: threshold, max_val_loss: 4.0}
 ```
 The file may also hold these keys under a top-level `sweep:` section.
 """
@@ -20,7 +22,7 @@ from typing import Annotated, Literal, Union
 
 import optuna
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sftflow import cache
 from sftflow.errors import UserError
@@ -59,6 +61,28 @@ class ChoiceParam(_Param):
 Distribution = Annotated[Union[FloatParam, IntParam, ChoiceParam], Field(discriminator="type")]
 
 
+class MedianPruner(_Param):
+    """Optuna's: stop a trial whose validation loss is worse than the median of earlier trials at that step."""
+    type: Literal["median"]
+    n_startup_trials: int = Field(5, ge=0, description="trials that always run to the end first")
+    n_warmup_steps: int = Field(0, ge=0, description="training steps before a trial can be pruned")
+    interval_steps: int = Field(1, ge=1)
+
+
+class ThresholdPruner(_Param):
+    """Stop a trial whose validation loss goes above max_val_loss (or is NaN)."""
+    type: Literal["threshold"]
+    max_val_loss: float
+    n_warmup_steps: int = Field(0, ge=0)
+
+
+class NoPruner(_Param):
+    type: Literal["none"]
+
+
+Pruner = Annotated[Union[MedianPruner, ThresholdPruner, NoPruner], Field(discriminator="type")]
+
+
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -70,6 +94,12 @@ class SweepSpec(BaseModel):
     # Trials at once share this process (threads); training keeps process-wide device state (Accelerate's), so
     # one trial per GPU would need a process per trial: not done yet.
     concurrency: int = Field(1, ge=1, description="trials at once (threads of the sweep's process)")
+    pruner: Pruner | None = Field(None, description="on validation loss; default median, none for grid")
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_by_name(cls, value):
+        return {"type": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -85,6 +115,8 @@ class SweepSpec(BaseModel):
                                  "are distributions (use sampler tpe or random)")
         elif self.n_trials is None:
             raise ValueError(f"sampler {self.sampler} needs n_trials")
+        if self.pruner is None:
+            self.pruner = NoPruner(type="none") if self.sampler == "grid" else MedianPruner(type="median")
         return self
 
     def grid(self) -> dict[str, list]:
@@ -100,7 +132,8 @@ class SweepSpec(BaseModel):
         return size
 
     def digest(self) -> str:
-        return cache.key(self.model_dump(mode="json", exclude={"concurrency", "n_trials"}))
+        # The pruner decides which trials stop early, not what a trial is: changing it resumes the same study.
+        return cache.key(self.model_dump(mode="json", exclude={"concurrency", "n_trials", "pruner"}))
 
 
 def load_spec(path: str | Path, n_trials: int | None = None) -> SweepSpec:
@@ -157,6 +190,18 @@ def sampler(spec: SweepSpec, constraints=None):
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=spec.seed)
     return optuna.samplers.TPESampler(seed=spec.seed, constraints_func=constraints)
+
+
+def pruner(spec: SweepSpec):
+    """The Optuna pruner (NopPruner for none: Optuna's default would be a median one). Trials report the negated
+    validation loss (the study maximises), so a threshold on the loss is a lower bound on what they report."""
+    p = spec.pruner
+    if isinstance(p, MedianPruner):
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
+                                           interval_steps=p.interval_steps)
+    if isinstance(p, ThresholdPruner):
+        return optuna.pruners.ThresholdPruner(lower=-p.max_val_loss, n_warmup_steps=p.n_warmup_steps)
+    return optuna.pruners.NopPruner()
 
 
 def overrides(params: dict) -> list[str]:

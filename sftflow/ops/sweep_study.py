@@ -14,11 +14,12 @@ from pathlib import Path
 
 from sftflow import cache
 from sftflow.ops.sweep_pareto import UNMEASURED
-from sftflow.ops.sweep_space import SweepSpec, sampler
+from sftflow.ops.sweep_space import SweepSpec, pruner, sampler
 from sftflow.tracking import finite_metrics, host, open_experiment, owner_gone
 
 STORAGE_FILE = "optuna.db"
 STALE, RUN_ID = "sftflow.stale", "mlflow_run_id"
+STATE_TAG = "sftflow.sweep_state"
 SCORE_KEYS = ("gain", "worst_forgetting", "feasible", "passed")
 
 
@@ -43,7 +44,7 @@ def open_study(name: str, spec: SweepSpec, state: Path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(storage_url(state))
     return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
-                               sampler=sampler(spec, constraints))
+                               sampler=sampler(spec, constraints), pruner=pruner(spec))
 
 
 def requeue_stale(study) -> list[int]:
@@ -112,8 +113,9 @@ def _param(key: str, value):
     return Param(key, str(value)[:6000])
 
 
-def record_trial(trial_run_id: str, number: int, study_name: str, params: dict, scored: dict | None) -> None:
-    """On the trial's pipeline run: its sweep params, tag and `sweep/*` metrics."""
+def record_trial(trial_run_id: str, number: int, study_name: str, params: dict, scored: dict | None,
+                 state: str) -> None:
+    """On the trial's pipeline run: its sweep params, tags (state: complete, pruned, fail) and `sweep/*` metrics."""
     import time
 
     from mlflow.entities import Metric
@@ -122,6 +124,7 @@ def record_trial(trial_run_id: str, number: int, study_name: str, params: dict, 
     client = MlflowClient()
     client.set_tag(trial_run_id, "sftflow.sweep", study_name)
     client.set_tag(trial_run_id, "sftflow.sweep_trial", str(number))
+    client.set_tag(trial_run_id, STATE_TAG, state)
     client.log_batch(trial_run_id, params=[_param("sweep.trial", number),
                                            _param("sweep.params", json.dumps(params, sort_keys=True))])
     values = {"sweep/trial": number, **({f"sweep/{k}": float(v) if isinstance(v, bool) else v

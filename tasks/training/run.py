@@ -20,7 +20,7 @@ import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-from sftflow import cache
+from sftflow import cache, hooks
 from sftflow.configs.training import TrainConfig
 from sftflow.models import MANIFEST
 from sftflow.results import Trained
@@ -72,7 +72,16 @@ def _train_and_publish(job: dict, cfg: TrainConfig, key: str) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     resume = last_checkpoint(work / "checkpoints")
     log.info("train: %s in %s", f"resuming from step {step_of(resume)}" if resume else "starting", work)
-    result = launch({**job, "out_dir": str(work)}, cfg)
+    try:
+        result = launch({**job, "out_dir": str(work)}, cfg)
+    except hooks.TrainingPruned as exc:
+        pruned = exc
+    else:
+        pruned = None
+    if pruned is not None:  # a partial training: nothing cached, no checkpoint to resume from
+        shutil.rmtree(work, ignore_errors=True)
+        # Without the traceback: its frames hold the trainer and model, which the next trial needs the memory of.
+        raise pruned.with_traceback(None)
     result["metrics"].update(_run_metrics(json.loads((work / RUN_INFO).read_text())))
     with cache.fill(STAGE, key) as entry:
         for item in work.iterdir():

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from sftflow import hooks
 from sftflow.configs.training import ADAPTER_METHODS, TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
@@ -153,7 +154,8 @@ def _counting_trainer_class():
 
 def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_dir: Path, *,
                   trust_remote_code: bool = False, callbacks: list | None = None, **sft_overrides):
-    """-> (SFTTrainer ready to .train(), params describing what was built).
+    """-> (SFTTrainer ready to .train(), params describing what was built). Callbacks: the step logger, `callbacks`,
+    then those the caller set in sftflow.hooks.train_callbacks (a sweep's pruner).
 
     token_paths: the template stage's {"train", "val", "tokenizer"}; sft_overrides: extra SFTConfig fields
     (e.g. save/eval strategy) that override the ones derived from cfg.
@@ -183,7 +185,7 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
     trainer = _counting_trainer_class()(
         model=model, args=sft_args(cfg, output_dir, val_ds is not None, **sft_overrides),
         train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
-        peft_config=peft_config, callbacks=[_step_logger(), *(callbacks or [])])
+        peft_config=peft_config, callbacks=[_step_logger(), *(callbacks or []), *hooks.train_callbacks.get()])
     params["train.trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     params["train.total_params"] = sum(p.numel() for p in trainer.model.parameters())
     return trainer, params
