@@ -106,3 +106,11 @@ def test_an_unchanged_heldout_comparison_loads_no_model(tmp_path, tiny_model, ad
                 bootstrap_iters=100, chat_tokenizer=str(tmp_path / "tok"))
     assert heldout(str(tmp_path / "test.jsonl"), {"base": {"path": tiny_model}}, cfg, tmp_path / "run4",
                    bootstrap_iters=100)["metrics"]["heldout/cache_hit"] == 0  # no digest: never cached
+
+
+def test_handing_lm_eval_a_loaded_model_prints_no_warning_about_it(tiny_model, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lm_eval"):
+        lm_eval_model({"path": tiny_model}, EvalConfig(), trust_remote_code=False)
+    assert not [r for r in caplog.records if "pretrained" in r.getMessage() or "already-initialized" in r.getMessage()]

@@ -6,6 +6,7 @@ model is evaluated once across runs; only models that carry a `digest` are cache
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,12 +34,23 @@ def per_item(result: dict, task: EvalTask) -> Iterator[dict]:
                        "score": float(s[metric]), "prompt": s["arguments"][0][0]}
 
 
+class _LoadedModelNotice(logging.Filter):
+    """lm-eval warns twice that `pretrained` is a loaded model: handing it one is the point, not a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "`pretrained` model kwarg is not of type `str`" not in msg and "already-initialized model" not in msg
+
+
 def lm_eval_model(model: dict, cfg: EvalConfig, trust_remote_code: bool):
     """lm-eval's HF model around our own loaded model: a LoRA adapter merged into its base in memory (the
     same scores as lm-eval's `peft=` route, without the adapter's extra matmuls in every forward pass)."""
     from lm_eval.models.huggingface import HFLM
 
     loaded = load_causal_lm(model["path"], trust_remote_code, adapter=model.get("adapter"), merge=True).eval()
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, _LoadedModelNotice) for f in hf_logger.filters):
+        hf_logger.addFilter(_LoadedModelNotice())
     return HFLM(pretrained=loaded, tokenizer=model.get("tokenizer") or model["path"], batch_size=cfg.batch_size,
                 trust_remote_code=trust_remote_code)
 
