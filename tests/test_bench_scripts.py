@@ -72,15 +72,6 @@ def test_the_harness_runs_every_benchmark_in_quick_mode_and_writes_its_json(tmp_
         assert re.search(rf"^\| {key} \|", proc.stdout, re.M), proc.stdout
 
 
-@pytest.mark.e2e
-def test_rerun_benchmark_prints_its_ratios_and_that_the_rerun_did_nothing(tmp_path, tiny_model, data_root):
-    out = run_bench("eval_rerun.py", tmp_path, tiny_model, str(BENCH.parent / "configs" / "smoke.yaml"),
-                    "--set", f"data.root={data_root}", "--models", str(Path(tiny_model).parent))
-    assert re.search(r"unchanged rerun [\d.]+ s, ratio [\d.]+ \(target <= 0.05\)", out), out
-    assert "rerun: trained: no, held-out cache hit: 1, lm-eval tasks evaluated: 0" in out, out
-    assert re.search(r"sweeps: base [\d.]+ s, fine-tuned [\d.]+ s, ratio [\d.]+x \(target <= 1.3x\)", out), out
-
-
 def test_eval_speed_benchmark_prints_every_arm_and_the_ratios(tmp_path, tiny_model):
     out = run_bench("eval_speed.py", tmp_path, tiny_model, "--mmlu", "1", "--bbh", "1", "--budget", "8")
     for arm in ("base, stock budget", "ft via peft=, stock budget (before)", "base, budget 8", "ft merged, budget 8 (now)"):
