@@ -111,7 +111,8 @@ def test_a_run_killed_at_any_stage_completes_when_rerun(home, tmp_path, stages):
     proc = start_run(home, tmp_path / "rerun.log", seed)
     out = finish(proc, tmp_path / "rerun.log")
     assert proc.returncode == 0, out[-4000:]
-    assert "marked" in out and "KILLED" in out  # the killed runs' MLflow runs, closed by this one
+    logged = out + "".join(p.read_text() for p in (home / "runs").glob("*/run.log"))  # prints go to run.log
+    assert "marked" in logged and "KILLED" in logged  # the killed runs' MLflow runs, closed by this one
     assert running_runs(uri) == 0
     assert_cache_intact(home)
 
