@@ -99,3 +99,12 @@ def deployed(pool: str, extra_specs: dict | None = None):
             yield apply({**load_specs(REPO / "deployments/deployments.yaml"), **(extra_specs or {})}, pool)
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def token_paths(tmp_path_factory, tiny_model):
+    """Templated train/val splits of 24 tiny review records (the training tests' data)."""
+    d = tmp_path_factory.mktemp("tok")
+    recs = [make_record(i, f"Review {i}: {'great' if i % 2 else 'awful'} film.", "POS" if i % 2 else "NEG")
+            for i in range(24)]
+    return template_splits(d, tiny_model, recs[:20], recs[20:])["paths"]

@@ -7,7 +7,6 @@ import logging
 import mlflow
 import optuna
 import pytest
-from conftest import make_record, template_splits
 from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import create_trial
@@ -24,14 +23,6 @@ SPACE = "params: {train.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-3}}
 # Evaluated at steps 3 and 6: the tiny model's validation loss stays near 6.2 on these records.
 CFG = {"method": "lora", "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}, "max_steps": 6,
        "batch_size": 4, "eval_steps": 3, "logging_steps": 3}
-
-
-@pytest.fixture(scope="module")
-def token_paths(tmp_path_factory, tiny_model):
-    d = tmp_path_factory.mktemp("tok")
-    recs = [make_record(i, f"Review {i}: {'great' if i % 2 else 'awful'} film.", "POS" if i % 2 else "NEG")
-            for i in range(24)]
-    return template_splits(d, tiny_model, recs[:20], recs[20:])["paths"]
 
 
 def load(tmp_path, text: str) -> space.SweepSpec:

@@ -4,7 +4,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import cpu_only, cuda_only, make_record, template_splits
+from conftest import cpu_only, cuda_only
 from safetensors.torch import load_file
 
 from sftflow.configs.training import TrainConfig
@@ -14,14 +14,6 @@ from sftflow.tasks.training import compat
 from sftflow.tasks.training.setup import TrainSetupError, check_hardware, kernels, precision
 from sftflow.tasks.training.train import train
 from sftflow.tasks.training.trainer import build_trainer
-
-
-@pytest.fixture(scope="module")
-def token_paths(tmp_path_factory, tiny_model):
-    d = tmp_path_factory.mktemp("tok")
-    recs = [make_record(i, f"Review {i}: {'great' if i % 2 else 'awful'} film.", "POS" if i % 2 else "NEG")
-            for i in range(24)]
-    return template_splits(d, tiny_model, recs[:20], recs[20:])["paths"]
 
 
 def run_train(tmp_path, token_paths, tiny_model, **cfg):
