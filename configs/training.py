@@ -19,7 +19,8 @@ class LoraSection(Section):
 
 
 class FreezeSection(Section):
-    first_layers: int = Field(0, ge=0, description="freeze the embeddings and the first K transformer blocks")
+    first_layers: int = Field(0, ge=0, description="frozen: freeze the embeddings and the first K transformer "
+                                                   "blocks; lora/qlora: no adapter on the first K blocks")
     patterns: list[str] = Field([], description="also freeze parameters whose name matches one of these regexes")
 
 
@@ -102,8 +103,11 @@ class TrainConfig(Section):
         wants = bool(self.freeze.first_layers or self.freeze.patterns)
         if self.method == "frozen" and not wants:
             raise ValueError("method 'frozen' needs freeze.first_layers > 0 or freeze.patterns")
-        if self.method != "frozen" and wants:
-            raise ValueError(f"freeze.* applies to method 'frozen' only (method is {self.method!r})")
+        if self.method == "full" and wants:
+            raise ValueError("freeze.* does not apply to method 'full' (use method 'frozen')")
+        if self.method in ADAPTER_METHODS and self.freeze.patterns:
+            raise ValueError("freeze.patterns applies to method 'frozen' only; LoRA takes freeze.first_layers "
+                             "(no adapter on those blocks)")
         if self.merge_adapter and self.method not in ADAPTER_METHODS:
             raise ValueError("merge_adapter needs method 'lora' or 'qlora'")
         return self

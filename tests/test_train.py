@@ -112,7 +112,30 @@ def test_method_and_freeze_are_validated_together():
     with pytest.raises(ValueError, match="needs freeze"):
         TrainConfig(method="frozen")
     with pytest.raises(ValueError, match="applies to method 'frozen' only"):
-        TrainConfig(method="lora", freeze={"first_layers": 1})
+        TrainConfig(method="lora", freeze={"patterns": ["mlp"]})
+    with pytest.raises(ValueError, match="does not apply to method 'full'"):
+        TrainConfig(method="full", freeze={"first_layers": 1})
+
+
+def test_lora_skips_the_first_blocks_and_backpropagation_stops_above_them(tmp_path, token_paths, tiny_model):
+    cfg = TrainConfig(method="lora", freeze={"first_layers": 1}, max_steps=1, batch_size=4)
+    trainer, _ = build_trainer(token_paths, tiny_model, cfg, tmp_path)
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapted == {"1"}  # the tiny model has blocks 0 and 1
+    needs_grad = {}  # whether a block's output is part of the autograd graph
+
+    def record(i):
+        def hook(module, args, out):
+            needs_grad[i] = (out[0] if isinstance(out, tuple) else out).requires_grad
+        return hook
+
+    for i, block in enumerate(trainer.model.base_model.model.model.layers):
+        block.register_forward_hook(record(i))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model(**{k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}).loss.backward()
+    assert needs_grad == {0: False, 1: True}
+    with pytest.raises(TrainSetupError, match="leaves no block to adapt"):
+        build_trainer(token_paths, tiny_model, TrainConfig(freeze={"first_layers": 2}), tmp_path / "all")
 
 
 def test_merged_model_matches_base_plus_adapter_and_carries_the_chat_template(tmp_path, token_paths, tiny_model):

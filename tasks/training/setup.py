@@ -70,6 +70,18 @@ def lora_targets(model_type: str, cfg: TrainConfig) -> list[str] | str:
     return defaults.get(model_type, "all-linear")
 
 
+def adapted_layers(model, cfg: TrainConfig) -> list[int] | None:
+    """LoRA on the blocks after the first `freeze.first_layers` only (None: every block). Backpropagation
+    then stops at the first adapted block, so the frozen blocks cost a forward pass and nothing more."""
+    if not cfg.freeze.first_layers:
+        return None
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if cfg.freeze.first_layers >= n_layers:
+        raise TrainSetupError(f"train.freeze.first_layers={cfg.freeze.first_layers} leaves no block to adapt: "
+                              f"the model has {n_layers}")
+    return list(range(cfg.freeze.first_layers, n_layers))
+
+
 def freeze(model, cfg: TrainConfig) -> list[str]:
     """Freeze the input embeddings + the first K decoder blocks, and parameters matching a pattern."""
     n_layers = model.config.get_text_config().num_hidden_layers

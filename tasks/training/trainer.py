@@ -25,6 +25,7 @@ from sftflow.tasks.training.setup import (
     TrainSetupError,
     _gpu,
     check_hardware,
+    adapted_layers,
     freeze,
     kernels,
     load_model,
@@ -178,7 +179,8 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
     if cfg.method in ADAPTER_METHODS:
         targets = lora_targets(model.config.model_type, cfg)
         peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=targets, task_type="CAUSAL_LM")
+                                 target_modules=targets, task_type="CAUSAL_LM",
+                                 layers_to_transform=adapted_layers(model, cfg))
         params["train.lora.target_modules_resolved"] = json.dumps(targets)
     elif cfg.method == "frozen":
         params["train.frozen_params"] = len(freeze(model, cfg))
