@@ -24,8 +24,8 @@ from sftflow.tasks.training.checkpoints import schedule_args
 from sftflow.tasks.training.setup import (
     TrainSetupError,
     _gpu,
-    check_hardware,
     adapted_layers,
+    check_hardware,
     freeze,
     kernels,
     load_model,
