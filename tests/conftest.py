@@ -71,13 +71,18 @@ def template_splits(d: Path, model: str, train: list[dict], val: list[dict], max
                     TemplateConfig(max_length=max_length), out_dir=d)
 
 
+def review_splits(d: Path, model: str, n: int, n_val: int, text: str) -> dict:
+    """n two-label review records (`text` formatted with i and great/awful; the last n_val for validation)
+    through the real template stage -> its paths."""
+    recs = [make_record(i, text.format(i=i, word="great" if i % 2 else "awful"), "POS" if i % 2 else "NEG")
+            for i in range(n)]
+    return template_splits(d, model, recs[:n - n_val], recs[n - n_val:])["paths"]
+
+
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory, tiny_model):
-    """40 two-label review records (32 train, 8 val) through the real template stage -> its paths."""
-    d = tmp_path_factory.mktemp("tok")
-    recs = [make_record(i, f"Review {i}: the film was {'great' if i % 2 else 'awful'}.", "POS" if i % 2 else "NEG")
-            for i in range(40)]
-    return template_splits(d, tiny_model, recs[:32], recs[32:])["paths"]
+    """40 review records (32 train, 8 val) through the real template stage -> its paths."""
+    return review_splits(tmp_path_factory.mktemp("tok"), tiny_model, 40, 8, "Review {i}: the film was {word}.")
 
 
 @contextlib.contextmanager
@@ -103,8 +108,5 @@ def deployed(pool: str, extra_specs: dict | None = None):
 
 @pytest.fixture(scope="module")
 def token_paths(tmp_path_factory, tiny_model):
-    """Templated train/val splits of 24 tiny review records (the training tests' data)."""
-    d = tmp_path_factory.mktemp("tok")
-    recs = [make_record(i, f"Review {i}: {'great' if i % 2 else 'awful'} film.", "POS" if i % 2 else "NEG")
-            for i in range(24)]
-    return template_splits(d, tiny_model, recs[:20], recs[20:])["paths"]
+    """Templated train/val splits of 24 tiny review records (20 train, 4 val: the training tests' data)."""
+    return review_splits(tmp_path_factory.mktemp("tok"), tiny_model, 24, 4, "Review {i}: {word} film.")
