@@ -50,6 +50,23 @@ def tiny_tokenizer(tiny_model):
     return load_tokenizer(tiny_model)
 
 
+@pytest.fixture(scope="session")
+def opinionated_model(tiny_model):
+    """The tiny model with larger random weights: its greedy outputs differ from prompt to prompt, so a generation
+    path that mixes prompts up, or shifts their positions, shows."""
+    import torch
+
+    from sftflow.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
 def chat(user: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 

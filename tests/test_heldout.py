@@ -4,7 +4,6 @@ import pytest
 from conftest import make_record
 
 from sftflow.configs.schema import HeldoutConfig
-from sftflow.models import load_causal_lm
 from sftflow.records import read_jsonl, write_jsonl
 from sftflow.tasks.evaluation.heldout import generate, heldout, label_report, normalise_label, score
 
@@ -25,12 +24,22 @@ def test_macro_f1_and_confusion_with_an_off_label_answer():
                                 "matrix": [[2, 1, 1], [1, 1, 0]]}
 
 
-def test_batched_generation_matches_one_by_one(tiny_model, tiny_tokenizer):
-    model = load_causal_lm(tiny_model).eval()
-    convs = [[{"role": "user", "content": "x" * n}] for n in (3, 40, 11, 25)]
-    batched = generate(model, tiny_tokenizer, convs, max_new_tokens=5, batch_size=4)
-    single = [generate(model, tiny_tokenizer, [c], max_new_tokens=5, batch_size=1)[0] for c in convs]
-    assert batched == single
+def test_batched_generation_with_a_shared_opening_matches_one_prompt_at_a_time(opinionated_model, tiny_tokenizer):
+    from sftflow.tasks.training.template import render
+
+    definition = "In this task you are given a review. Classify it as positive or negative. " * 2
+    convs = [[{"role": "system", "content": "You are a careful annotator."},
+              {"role": "user", "content": definition + "review " + "x" * n}] for n in (3, 40, 11, 25, 7)]
+    convs += [[{"role": "user", "content": "short " * n}] for n in (1, 4)]  # nothing long shared
+    batched = generate(opinionated_model, tiny_tokenizer, convs, max_new_tokens=5, batch_size=2)
+    single = []
+    for c in convs:  # each prompt alone: no padding, no prefix cache
+        ids = tiny_tokenizer(render(tiny_tokenizer, c, add_generation_prompt=True), add_special_tokens=False,
+                             return_tensors="pt")["input_ids"]
+        out = opinionated_model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id,
+                                         eos_token_id=tiny_tokenizer.eos_token_id)
+        single.append(tiny_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    assert batched == single and len(set(single)) >= 5
 
 
 def test_heldout_scores_every_model_against_base_and_writes_artifacts(tmp_path, tiny_model):

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,23 @@ def test_chatter_goes_to_the_log_and_stage_summaries_to_the_terminal(tmp_path, c
     assert captured.err == ""
     assert out.log_path == run_dir / "run.log" and not list((tmp_path / "state" / "logs").iterdir())
     log = out.log_path.read_text()
-    assert "'grad_norm': '0.328'" in log and "Generating test split" in log
+    assert "'grad_norm': '0.328'" in log
+    # the bar as it ended, once: not every frame tqdm drew
+    [bar] = [line for line in log.splitlines() if "Generating test split" in line]
+    assert "3/3" in bar and "\r" not in log
     assert "sftflow.stages: load: 0.2 s; 80 records, 2 rejected" in log and "split: cache hit, 0.1 s" in log
+
+
+def test_a_bar_still_running_is_written_as_it_stands_once_a_minute(tmp_path, monkeypatch):
+    from sftflow.ops.terminal import LastFrameWriter
+
+    clock = iter([0.0, 10.0, 30.0, 61.0, 70.0, 75.0, 80.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    path = tmp_path / "log"
+    with path.open("w") as log, LastFrameWriter(log) as out:
+        for text in ("\rtrain 1/9", "\rtrain 2/9", "\rtrain 5/9", "\rtrain 9/9", "\n", "done"):
+            out.write(text)
+    assert path.read_text().splitlines() == ["train 5/9", "train 9/9", "done"]
 
 
 def test_verbose_changes_nothing(tmp_path, capsys, monkeypatch):

@@ -8,6 +8,7 @@ INFO lines) goes to the run's log file, `<run dir>/run.log`. `sftflow --verbose`
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import shutil
 import sys
@@ -65,6 +66,56 @@ def _console_handlers() -> list[logging.Handler]:
     return [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
 
 
+class LastFrameWriter(io.TextIOBase):
+    """The run log's stdout and stderr, keeping only the last frame of a line redrawn with carriage returns: tqdm
+    redraws its bars several times a second, which made run.log mostly half-drawn bars. A bar still running is
+    written as it stands once a minute, so `tail -f run.log` shows progress."""
+
+    SNAPSHOT_S = 60.0
+
+    def __init__(self, log):
+        self.log = log
+        self.pending = ""  # the unfinished line's last frame
+        self.written_at = time.monotonic()
+
+    @property
+    def encoding(self) -> str:  # tqdm draws unicode bars only into a stream that says it takes them
+        return self.log.encoding
+
+    def fileno(self) -> int:  # code writing to the descriptor itself bypasses the collapsing, as before
+        return self.log.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.log.write(last_frame(line) + "\n")
+        self.pending = last_frame(self.pending)
+        now = time.monotonic()
+        if lines:
+            self.written_at = now
+        elif self.pending and now - self.written_at >= self.SNAPSHOT_S:
+            self.log.write(self.pending + "\n")
+            self.written_at = now
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+    def close(self) -> None:
+        if self.pending:
+            self.log.write(self.pending + "\n")
+            self.pending = ""
+        super().close()
+
+
+def last_frame(line: str) -> str:
+    """What a terminal would show of `line`: the text after its last carriage return (the last non-empty one)."""
+    return next((frame for frame in reversed(line.split("\r")) if frame), "")
+
+
 class RunOutput:
     """`with RunOutput("run") as out: ...; out.run_dir = ...`: the quiet terminal of one run.
 
@@ -97,9 +148,10 @@ class RunOutput:
         for handler in _console_handlers():  # Prefect's INFO lines only in the log
             self._stack.callback(handler.setLevel, handler.level)
             handler.setLevel(max(handler.level, logging.WARNING))
-        self._stack.enter_context(contextlib.redirect_stdout(log))  # prints, Trainer dicts
+        stream = self._stack.enter_context(contextlib.closing(LastFrameWriter(log)))
+        self._stack.enter_context(contextlib.redirect_stdout(stream))  # prints, Trainer dicts
         # progress bars (tqdm writes to sys.stderr) and Python warnings (library deprecations)
-        self._stack.enter_context(contextlib.redirect_stderr(log))
+        self._stack.enter_context(contextlib.redirect_stderr(stream))
         return self
 
     def _add(self, logger: logging.Logger, handler: logging.Handler) -> None:

@@ -22,6 +22,7 @@ from sftflow.records import prompt_messages, read_jsonl, reference, write_jsonl
 from sftflow.results import Heldout, ModelRef
 from sftflow.stagecache import cached
 from sftflow.tasks.data.readers import DataError
+from sftflow.tasks.evaluation.prefix_cache import generate_after_prefix, prefix_groups
 from sftflow.tasks.training.template import render, with_system
 from sftflow.tracking import stage_task
 
@@ -33,23 +34,22 @@ def normalise_label(text: str) -> str:
 
 
 def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions, batched by similar length, returned in input order."""
-    import torch
+    """Greedy completions in input order. The opening prompts share (system prompt, a source's task definition) is
+    computed once per group of prompts (prefix_cache.py); batches of similar length."""
+    prompts = [tok(render(tok, msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for msgs in conversations]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    tok.padding_side = "left"
-    texts = [render(tok, msgs, add_generation_prompt=True) for msgs in conversations]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(model.device)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for i, seq in zip(idx, tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
-            out[i] = seq.strip()
-    return [out[i] for i in range(len(texts))]
+    def greedy(ids, attention, **cache):
+        return model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=pad, eos_token_id=tok.eos_token_id, **cache)
+
+    out = [""] * len(prompts)
+    for length, members in prefix_groups(prompts):
+        new = generate_after_prefix(model, [prompts[m] for m in members], length, batch_size, pad, greedy)
+        for m, tokens in zip(members, new):
+            out[m] = tok.decode(tokens, skip_special_tokens=True).strip()
+    return out
 
 
 def correct(predictions: list[str], references: list[str]) -> dict[str, list[float]]:

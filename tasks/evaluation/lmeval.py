@@ -44,15 +44,16 @@ class _LoadedModelNotice(logging.Filter):
 
 def lm_eval_model(model: dict, cfg: EvalConfig, trust_remote_code: bool):
     """lm-eval's HF model around our own loaded model: a LoRA adapter merged into its base in memory (the
-    same scores as lm-eval's `peft=` route, without the adapter's extra matmuls in every forward pass)."""
-    from lm_eval.models.huggingface import HFLM
+    same scores as lm-eval's `peft=` route, without the adapter's extra matmuls in every forward pass), with
+    few-shot prompts' shared examples computed once per subtask (hflm.py)."""
+    from sftflow.tasks.evaluation.hflm import SharedPrefixHFLM
 
     loaded = load_causal_lm(model["path"], trust_remote_code, adapter=model.get("adapter"), merge=True).eval()
     hf_logger = logging.getLogger("lm_eval.models.huggingface")
     if not any(isinstance(f, _LoadedModelNotice) for f in hf_logger.filters):
         hf_logger.addFilter(_LoadedModelNotice())
-    return HFLM(pretrained=loaded, tokenizer=model.get("tokenizer") or model["path"], batch_size=cfg.batch_size,
-                trust_remote_code=trust_remote_code)
+    return SharedPrefixHFLM(pretrained=loaded, tokenizer=model.get("tokenizer") or model["path"],
+                            batch_size=cfg.batch_size, trust_remote_code=trust_remote_code)
 
 
 def run_lm_eval(model: dict, tasks: list[EvalTask], include: Path, cfg: EvalConfig, trust_remote_code: bool) -> dict:
