@@ -7,6 +7,7 @@ import json
 
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
 
 from sftflow.tasks.evaluation.prefix_cache import generate_after_prefix, prefix_groups
 
@@ -17,6 +18,7 @@ class SharedPrefixHFLM(HFLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out: list[str | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="Running generate_until requests")
         stock: list[int] = []
         by_settings: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -46,7 +48,10 @@ class SharedPrefixHFLM(HFLM):
                 for m, tokens in zip(members, new):
                     out[indices[m]] = postprocess_generated_text(self.tok_decode(tokens), until, None)
                     self.cache_hook.add_partial("generate_until", requests[indices[m]].args, out[indices[m]])
+                bar.update(len(members))
         if stock:
             for i, text in zip(stock, super().generate_until([requests[i] for i in stock], disable_tqdm=True)):
                 out[i] = text
+            bar.update(len(stock))
+        bar.close()
         return out
