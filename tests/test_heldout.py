@@ -36,7 +36,8 @@ def test_batched_generation_with_a_shared_opening_matches_one_prompt_at_a_time(o
     for c in convs:  # each prompt alone: no padding, no prefix cache
         ids = tiny_tokenizer(render(tiny_tokenizer, c, add_generation_prompt=True), add_special_tokens=False,
                              return_tensors="pt")["input_ids"]
-        out = opinionated_model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id,
+        out = opinionated_model.generate(ids, max_new_tokens=5, do_sample=False,
+                                         pad_token_id=tiny_tokenizer.pad_token_id,
                                          eos_token_id=tiny_tokenizer.eos_token_id)
         single.append(tiny_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     assert batched == single and len(set(single)) >= 5

@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -43,13 +42,12 @@ def test_chatter_goes_to_the_log_and_stage_summaries_to_the_terminal(tmp_path, c
     assert "sftflow.stages: load: 0.2 s; 80 records, 2 rejected" in log and "split: cache hit, 0.1 s" in log
 
 
-def test_a_bar_still_running_is_written_as_it_stands_once_a_minute(tmp_path, monkeypatch):
+def test_a_bar_still_running_is_written_as_it_stands_once_a_minute(tmp_path):
     from sftflow.ops.terminal import LastFrameWriter
 
-    clock = iter([0.0, 10.0, 30.0, 61.0, 70.0, 75.0, 80.0])
-    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    clock = iter([0.0, 10.0, 30.0, 61.0, 70.0, 75.0, 80.0]).__next__  # seconds at creation and at each write
     path = tmp_path / "log"
-    with path.open("w") as log, LastFrameWriter(log) as out:
+    with path.open("w") as log, LastFrameWriter(log, clock) as out:
         for text in ("\rtrain 1/9", "\rtrain 2/9", "\rtrain 5/9", "\rtrain 9/9", "\n", "done"):
             out.write(text)
     assert path.read_text().splitlines() == ["train 5/9", "train 9/9", "done"]

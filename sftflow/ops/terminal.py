@@ -73,10 +73,10 @@ class LastFrameWriter(io.TextIOBase):
 
     SNAPSHOT_S = 60.0
 
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, log, clock=time.monotonic):
+        self.log, self.clock = log, clock
         self.pending = ""  # the unfinished line's last frame
-        self.written_at = time.monotonic()
+        self.written_at = clock()
 
     @property
     def encoding(self) -> str:  # tqdm draws unicode bars only into a stream that says it takes them
@@ -93,7 +93,7 @@ class LastFrameWriter(io.TextIOBase):
         for line in lines:
             self.log.write(last_frame(line) + "\n")
         self.pending = last_frame(self.pending)
-        now = time.monotonic()
+        now = self.clock()
         if lines:
             self.written_at = now
         elif self.pending and now - self.written_at >= self.SNAPSHOT_S:
