@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 
 from sftflow import env
 from sftflow.configs.schema import PipelineConfig
-from sftflow.ops import fence
+from sftflow.stack import fence
 from sftflow.tasks.evaluation.benchmarks import benchmarks_task, sweep_models
 from sftflow.tracking import parent_run
 

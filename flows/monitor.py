@@ -13,7 +13,7 @@ from sftflow import env
 from sftflow.configs.schema import PipelineConfig
 from sftflow.errors import UserError
 from sftflow.flows.retrain import PACKAGED_CONFIGS, config_path, resolve_config
-from sftflow.ops import fence
+from sftflow.stack import fence
 
 
 def retrain_sources(cfg: PipelineConfig, data: Path) -> list[dict]:
@@ -36,7 +36,7 @@ def start_retrain(deployment: str, config_file: str, overrides: list[str], sourc
 
 @task(name="monitor-check")
 def check_task(cfg: PipelineConfig, data: str) -> dict:
-    from sftflow.ops.monitor import check
+    from sftflow.release.monitoring import check
 
     out = env.state_dir() / "monitor" / f"{cfg.name}-{flow_run.name or 'local'}"
     return check(cfg, Path(data), out)

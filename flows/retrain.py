@@ -16,7 +16,8 @@ from prefect.states import Completed
 from sftflow import cache, env, links
 from sftflow.configs.loader import load_config
 from sftflow.configs.schema import PipelineConfig, Source
-from sftflow.ops import fence, registry
+from sftflow.release import registry
+from sftflow.stack import fence
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from sftflow import env, links
 from sftflow.configs.schema import PipelineConfig
 from sftflow.models import model_digest
-from sftflow.ops import fence
+from sftflow.stack import fence
 from sftflow.redact import scrub
 from sftflow.results import (
     Base,

@@ -2,7 +2,7 @@
 
 config + space file -> Optuna study (grid, TPE constrained on forgetting, or random; SQLite beside the MLflow
 store) -> each trial: the space's values as overrides -> sft_pipeline nested under the sweep's MLflow run ->
-scored with the gate's measures, or pruned on validation loss during training (sweep_prune) -> Pareto table and
+scored with the gate's measures, or pruned on validation loss during training (sweeps.prune) -> Pareto table and
 plot, the best trial that passes the gate (registered as challenger on request). The data stages and the base
 model's benchmarks come from the caches after trial one.
 """
@@ -19,11 +19,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from sftflow import charts, env, hooks
 from sftflow.flows.retrain import PACKAGED_CONFIGS, config_path, fingerprint, resolve_config
-from sftflow.ops import fence, registry
-from sftflow.ops import sweep_pareto as pareto
-from sftflow.ops import sweep_prune as prune
-from sftflow.ops import sweep_space as space
-from sftflow.ops import sweep_study as study_state
+from sftflow.release import registry
+from sftflow.stack import fence
+from sftflow.sweeps import pareto
+from sftflow.sweeps import prune
+from sftflow.sweeps import space
+from sftflow.sweeps import study as study_state
 
 
 def _trial_config(config_file: str, base_overrides: list[str], params: dict, guard):

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from test_registry import PASS, fp, pipeline_run
 
 from sftflow.models import load_causal_lm, load_tokenizer
-from sftflow.ops import registry, serving
+from sftflow.release import registry, serving
 from sftflow.tasks.evaluation.heldout import generate
 
 MESSAGES = [{"role": "user", "content": "Is the sky green? Answer yes or no."}]

@@ -6,8 +6,8 @@ import pytest
 
 from sftflow import metrics as names
 from sftflow.configs.schema import GateConfig
-from sftflow.ops import sweep_pareto as pareto
-from sftflow.ops import sweep_space as space
+from sftflow.sweeps import pareto
+from sftflow.sweeps import space
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sweeps"
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_the_table_lists_trials_by_gain_with_the_front_marked_and_failures_last(
 def test_the_cli_refuses_a_bad_space_with_one_message_before_any_work(tmp_path):
     from typer.testing import CliRunner
 
-    from sftflow.ops.cli import app
+    from sftflow.cli.app import app
 
     assert "--n-trials" in CliRunner().invoke(app, ["sweep", "--help"]).output
     path = tmp_path / "space.yaml"

@@ -13,9 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from sftflow import env
 from sftflow.configs.loader import load_config
-from sftflow.ops import compare, registry
-from sftflow.ops import sweep_study as study_state
-from sftflow.ops.sweep_space import load_spec
+from sftflow.release import registry
+from sftflow.review import compare
+from sftflow.sweeps import study as study_state
+from sftflow.sweeps.space import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "sweeps"
@@ -130,7 +131,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(prefect_server, 
     space = tmp_path / "resume.yaml"
     space.write_text(f"sampler: grid\nparams:\n  train.lora.r: [2, 6]\noverrides: {CHEAP}\n")
     overrides = [f"data.root={data_root}", "name=smoke-resume"]
-    proc = subprocess.Popen([sys.executable, "-m", "sftflow.ops.cli", "sweep", SMOKE, str(space),
+    proc = subprocess.Popen([sys.executable, "-m", "sftflow.cli", "sweep", SMOKE, str(space),
                              *(a for o in overrides for a in ("--set", o))], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "sweep.log", "w"))
     deadline = time.time() + 600

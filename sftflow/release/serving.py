@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from sftflow.errors import UserError
-from sftflow.ops.servers import HOST, free_port
+from sftflow.stack.servers import HOST, free_port
 
 
 class ServeError(UserError, RuntimeError):
