@@ -164,7 +164,7 @@ def sweep(config_file: str = "configs/demo.yaml", space_file: str = "configs/swe
         fence.refuse(guard[0], [*fence.config_file_violations(config_path(config_file), guard[1], PACKAGED_CONFIGS),
                                 *fence.config_file_violations(config_path(space_file), guard[1], PACKAGED_CONFIGS)])
     spec = space.load_spec(config_path(space_file), n_trials)
-    base_overrides = [*(overrides or []), *spec.overrides]
+    base_overrides = space.every_trial(spec, overrides or [])
     base = _trial_config(config_file, base_overrides, {}, guard)
     state = env.configure(base.offline)
     name = study_state.study_name(base, spec)

@@ -21,6 +21,15 @@ def test_a_grid_file_runs_every_grid_point_and_overrides_keep_types():
     assert space.load_spec(FIXTURES / "grid.yaml", n_trials=2).trials() == 2
 
 
+def test_the_command_line_set_wins_over_the_space_files_overrides(tmp_path):
+    from sftflow.configs.loader import load_config
+
+    file = tmp_path / "space.yaml"
+    file.write_text("sampler: grid\nparams: {train.lora.r: [4]}\noverrides: [eval.mmlu.limit=3, eval.bbh.limit=2]\n")
+    cfg = load_config(REPO / "configs" / "smoke.yaml", space.every_trial(space.load_spec(file), ["eval.mmlu.limit=5"]))
+    assert (cfg.eval.mmlu.limit, cfg.eval.bbh.limit) == (5, 2)
+
+
 def test_the_demo_space_is_a_2x2_grid_under_a_sweep_section():
     spec = space.load_spec(REPO / "configs" / "sweep_demo.yaml")
     assert spec.grid() == {"train.lora.r": [4, 16], "train.learning_rate": [3e-4, 1e-3]} and spec.trials() == 4

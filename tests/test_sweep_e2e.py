@@ -16,7 +16,7 @@ from sftflow.configs.loader import load_config
 from sftflow.release import registry
 from sftflow.review import compare
 from sftflow.sweeps import study as study_state
-from sftflow.sweeps.space import load_spec
+from sftflow.sweeps.space import every_trial, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "sweeps"
@@ -47,7 +47,7 @@ def study(cfg_overrides: list[str], space: Path):
     import optuna
 
     spec = load_spec(space)
-    cfg = load_config(SMOKE, [*cfg_overrides, *spec.overrides])
+    cfg = load_config(SMOKE, every_trial(spec, cfg_overrides))
     return optuna.load_study(study_name=study_state.study_name(cfg, spec),
                              storage=study_state.storage_url(env.state_dir()))
 

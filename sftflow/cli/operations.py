@@ -92,7 +92,8 @@ def deploy(file: Annotated[Path, typer.Option(help="deployment definitions")] = 
            config: Annotated[Optional[str], typer.Option(help="default config file of every deployment")] = None,
            cron: Annotated[Optional[str], typer.Option(help="replace the scheduled deployments' cron")] = None,
            image: Annotated[Optional[str], typer.Option(help="container image (Kubernetes pools)")] = None) -> None:
-    """Create or update the Prefect deployments (ad-hoc and nightly retraining) on the running server."""
+    """Create or update the Prefect deployments (ad-hoc and nightly retraining, monitoring, sweep) on the running
+    server."""
     record = _connect()
     from sftflow.stack.deployments import apply, load_specs
 

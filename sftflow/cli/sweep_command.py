@@ -25,10 +25,10 @@ def sweep(config: Annotated[Path, typer.Argument(help="pipeline config YAML, e.g
     terminal.quiet_prefect()
     from sftflow.configs.loader import load_config
     from sftflow.stack import servers
-    from sftflow.sweeps.space import load_spec
+    from sftflow.sweeps.space import every_trial, load_spec
 
     spec = load_spec(space, n_trials)  # both files validated before any work starts
-    cfg = load_config(config, [*(set_ or []), *spec.overrides])
+    cfg = load_config(config, every_trial(spec, set_ or []))
     servers.use()
     from sftflow import env
 
