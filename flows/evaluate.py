@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from sftflow import env
 from sftflow.configs.schema import PipelineConfig
 from sftflow.stack import fence
-from sftflow.tasks.evaluation.benchmarks import benchmarks_task, sweep_models
+from sftflow.tasks.evaluation.benchmarks import benchmarks, sweep_models
 from sftflow.tracking import parent_run
 
 
@@ -27,6 +27,6 @@ def evaluate_model(config: PipelineConfig, model: str, baseline: bool = False) -
     fence.enforce(config)
     models = sweep_models(model, config.model.base, config.offline, baseline)
     with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
-        result = benchmarks_task(ctx, models, config.eval, trust_remote_code=config.model.trust_remote_code)
+        result = benchmarks.task(ctx, models, config.eval, trust_remote_code=config.model.trust_remote_code)
     return {"metrics": result["metrics"], "forgetting": result.get("forgetting", {}), "models": list(models),
             "run_dir": ctx.run_dir, "mlflow_run_id": ctx.parent_run_id}

@@ -109,7 +109,7 @@ LAYERS = {
     "cli": ("sftflow.cli",),
 }
 # configs/loader.py asks the benchmark registry which files a config needs (a leaf with no heavy imports).
-ALLOWED_UP = {("sftflow.configs.loader", "sftflow.tasks.evaluation.mirrors")}
+ALLOWED_UP = {("sftflow.configs.loader", "sftflow.tasks.evaluation.catalog")}
 
 
 def package_of(name: str) -> str:

@@ -22,7 +22,7 @@ from sftflow.review.screenshots import ShotError
 from sftflow.tasks.data.decontam import DecontamError
 from sftflow.tasks.data.load import DataError
 from sftflow.tasks.data.preflight import PreflightError
-from sftflow.tasks.evaluation.mirrors import MissingBenchmarkError
+from sftflow.tasks.evaluation.catalog import MissingBenchmarkError
 from sftflow.tasks.training.setup import TrainSetupError
 from sftflow.tasks.training.template import TemplateError
 

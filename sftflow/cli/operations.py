@@ -133,6 +133,27 @@ def rollback(name: ModelName) -> None:
     _print_version(registry.rollback(name), "rolled back")
 
 
+@ops.command()
+def serve(name: ModelName, alias: Annotated[str, typer.Option(help="registry alias to serve")] = "champion",
+          port: PortOpt = 0) -> None:
+    """Serve a registered version with `mlflow models serve` on 127.0.0.1 until Ctrl-C: OpenAI-style chat
+    requests at /invocations."""
+    _connect()
+    import contextlib
+    import time
+
+    from sftflow import env
+    from sftflow.release import serving
+
+    log = env.state_dir() / "servers" / f"serve-{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    uri = serving.model_uri(name, alias)
+    with serving.served(uri, log, port or None) as url, contextlib.suppress(KeyboardInterrupt):
+        console.print(f"serving {uri} at {url}/invocations (log: {log}); Ctrl-C stops it")
+        while True:
+            time.sleep(3600)
+
+
 RefsArg = Annotated[list[str], typer.Argument(help="MLflow run ids, sweeps (run id or name: their trials) and/or "
                                                    "experiment names (all their runs)")]
 
