@@ -9,12 +9,10 @@ from __future__ import annotations
 import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.runtime import flow_run
 
-from sftflow import env, links
+from sftflow import links
 from sftflow.configs.schema import PipelineConfig
 from sftflow.models import model_digest
-from sftflow.stack import fence
 from sftflow.redact import scrub
 from sftflow.results import (
     Base,
@@ -30,6 +28,7 @@ from sftflow.results import (
     Trained,
     Verdict,
 )
+from sftflow.stack.entry import FlowEntry
 from sftflow.tasks.data.curate import curate
 from sftflow.tasks.data.decontam import targets as decontam_targets
 from sftflow.tasks.data.load import load
@@ -42,7 +41,6 @@ from sftflow.tasks.training.resolve_base import resolve_model
 from sftflow.tasks.training.run import run_training
 from sftflow.tasks.training.setup import check_hardware
 from sftflow.tasks.training.template import template
-from sftflow.tracking import parent_run
 
 
 def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> Splits:
@@ -62,9 +60,9 @@ def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> Splits:
 @flow(name="sftflow-curate")
 def curate_pipeline(config: PipelineConfig) -> dict:
     """Only the data stage (and the base model's tokenizer for the pre-flight token counts)."""
-    state = env.configure(config.offline)
-    fence.enforce(config)
-    with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
+    entry = FlowEntry()
+    state = entry.admit(config)
+    with entry.parent_run(config, state) as ctx:
         base = resolve_model.task(ctx, config.model, config.offline)
         splits = prepare_data(ctx, config, base["path"])
     return {"mlflow_run_id": ctx.parent_run_id, "run_dir": ctx.run_dir, "report_md": splits["report_md"],
@@ -74,11 +72,11 @@ def curate_pipeline(config: PipelineConfig) -> dict:
 @flow(name="sft-pipeline")
 def sft_pipeline(config: PipelineConfig, nest_under: str | None = None) -> PipelineResult:
     """The whole job; `nest_under`: an MLflow run id (a sweep's) to nest this run's MLflow run under."""
-    state = env.configure(config.offline)
-    fence.enforce(config)  # deployed on its own, its run form is a remote entry point too
+    entry = FlowEntry()
+    state = entry.admit(config)  # deployed on its own, its run form is a remote entry point too
     trust = config.model.trust_remote_code
     check_hardware(config.train)  # QLoRA or bf16 on a CPU-only machine fails now, not after the data stages
-    with parent_run(config, state, str(flow_run.id), flow_run.name, nest_under) as ctx:
+    with entry.parent_run(config, state, nest_under) as ctx:
         # 1. the base model first: the data pre-flight counts tokens with its tokenizer and chat template
         base: Base = resolve_model.task(ctx, config.model, config.offline)
 

@@ -160,3 +160,21 @@ def test_every_package_folder_is_installed():
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     folders = {name.removesuffix(".__init__") for name, path in modules().items() if path.name == "__init__.py"}
     assert folders <= listed, f"package folders missing from pyproject's packages: {sorted(folders - listed)}"
+
+
+def test_every_flow_enters_through_the_one_guard():
+    """Each flow makes a FlowEntry (the deployment's fence, the environment, the parent run); none reads the fence
+    or configures the environment on its own."""
+    flows, own = {}, []
+    for name, path in modules().items():
+        if not name.startswith("sftflow.flows."):
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            if any(isinstance(d, ast.Call) and getattr(d.func, "id", None) == "flow" for d in fn.decorator_list):
+                flows[f"{name}.{fn.name}"] = any(isinstance(c, ast.Call) and getattr(c.func, "id", None) == "FlowEntry"
+                                                 for c in ast.walk(fn))
+        own += [f"{name}: {n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                and n.attr in ("configure", "deployment_fence", "violations", "config_file_violations")]
+    assert len(flows) >= 6 and all(flows.values()), flows
+    assert own == []
