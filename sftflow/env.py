@@ -58,6 +58,9 @@ def configure(offline: bool) -> Path:
     # A cold ephemeral Prefect server runs migrations first; the 20 s default is tight on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A run's own Prefect server would otherwise write a telemetry heartbeat into the state dir's database as it
+    # starts: one more writer when runs overlap, besides a call outside the machine.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for name, value in MLFLOW_HTTP_ENV.items():
         os.environ.setdefault(name, value)
     # Prefect's console handler, minus the tracebacks of user errors (the CLI prints their one-line message).
@@ -83,3 +86,23 @@ def init_tracking_store() -> None:
     with lock.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # released when the process dies, so a kill never blocks the next run
         _get_store()
+
+
+def start_local_prefect() -> None:
+    """Start this process's ephemeral Prefect server (none when PREFECT_API_URL names one) under a lock on the
+    state dir's Prefect home. A server on a new database migrates it inside one long write transaction (about a
+    minute on 2 cores), and another run's server connecting meanwhile fails "database is locked"; so the first run
+    to take the lock starts and migrates, and the next starts once that server answers, on a database already
+    migrated. Prefect's own client then reuses this server (one per process)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return
+    home = Path(settings.home).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "server-start.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the process dies, so a kill never blocks the next run
+        SubprocessASGIServer().start()
+

@@ -52,9 +52,11 @@ def _benchmarks(metrics: dict) -> list[str]:
     return out
 
 
-def stage_summary(stage: str, metrics: dict) -> str:
+def stage_summary(stage: str, metrics: dict, params: dict | None = None) -> str:
     """`<stage>: <key figures>` (just the stage name when it reported none of them)."""
     parts = _fields(stage, metrics)
+    if stage == "train" and (params or {}).get("train.attention"):  # which attention path, windows, softcap
+        parts.append(f"attention {params['train.attention']}")
     if stage == "heldout":
         parts += _heldout(metrics)
     elif stage == "benchmarks":

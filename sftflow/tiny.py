@@ -1,4 +1,5 @@
-"""A tiny random Llama with a byte-level BPE tokenizer trained on the fly: the test/smoke model.
+"""Tiny random models (a Llama, and one of each family whose attention differs) with a byte-level BPE tokenizer
+trained on the fly: the test/smoke models.
 
 Byte-level means any text round-trips; the few merges keep sequences short enough for fast tests.
 """
@@ -44,17 +45,42 @@ def build_tokenizer(vocab_size: int, model_max_length: int):
 def build_tiny_llama(dest: Path, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                      vocab_size: int = 512, model_max_length: int = 4096, seed: int = 0,
                      num_kv_heads: int | None = None) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return build_tiny(dest, "llama", hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                      vocab_size=vocab_size, model_max_length=model_max_length, seed=seed, num_kv_heads=num_kv_heads)
 
+
+# Each family's attention variants, small enough to see: windows of 8 tokens, a mix of local and global layers.
+_LOCAL_GLOBAL = {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8,
+                                                  "max_window_layers": 1}),
+    # Softcap 50 (Gemma 2's own) would not bend the small scores of random weights: 2 does.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_LOCAL_GLOBAL, "attn_logit_softcapping": 2.0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", _LOCAL_GLOBAL),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {**_LOCAL_GLOBAL, "num_local_experts": 4,
+                                                      "num_experts_per_tok": 2}),
+}
+
+
+def build_tiny(dest: Path, family: str = "llama", hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+               vocab_size: int = 512, model_max_length: int = 4096, seed: int = 0, num_kv_heads: int | None = None,
+               **config) -> Path:
+    """A random model of one family (FAMILIES) with the byte-level ChatML tokenizer, saved to dest."""
+    import torch
+    import transformers
+
+    config_name, model_name, variants = FAMILIES[family]
     tok = build_tokenizer(vocab_size, model_max_length)
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    cfg = getattr(transformers, config_name)(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
-        max_position_embeddings=model_max_length, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(config)
+        head_dim=hidden_size // num_heads, max_position_embeddings=model_max_length, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        **{**variants, **config})
+    model = getattr(transformers, model_name)(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)

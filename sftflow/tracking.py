@@ -209,14 +209,14 @@ def run_stage(name: str, fn: Callable, ctx: RunContext, *args, **kwargs) -> dict
     MlflowClient().log_batch(ctx.parent_run_id, metrics=[
         mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()])
     result["metrics"] = metrics
-    log_summary(name, metrics, duration)
+    log_summary(name, metrics, duration, result.get("params") or {})
     return result
 
 
 STAGE_LOGGER = "sftflow.stages"
 
 
-def log_summary(name: str, metrics: dict, duration: float) -> None:
+def log_summary(name: str, metrics: dict, duration: float, params: dict | None = None) -> None:
     """One INFO line with the stage's key figures: in a Prefect task on its run logger (the Prefect UI shows it),
     else on `sftflow.stages`. The record carries the parts (`sftflow_stage`) for the terminal's progress line."""
     import logging
@@ -226,7 +226,7 @@ def log_summary(name: str, metrics: dict, duration: float) -> None:
 
     from sftflow.stage_summary import cache_hit, stage_summary
 
-    hit, summary = cache_hit(name, metrics), stage_summary(name, metrics)
+    hit, summary = cache_hit(name, metrics), stage_summary(name, metrics, params)
     try:
         logger = get_run_logger()
     except MissingContextError:

@@ -123,6 +123,7 @@ def test_each_prefect_task_logs_its_stage_summary(smoke_run):
     assert "80 records, 0 rejected" in logs["load"] and "80 kept" in logs["curate"]
     assert "train 60 / val 8 / test 12" in logs["split"]
     assert "6 steps, final loss" in logs["train"] and "label_acc: base" in logs["heldout"]
+    assert ", attention varlen_rows (" in logs["train"] or ", attention flash_attention_2" in logs["train"]
     assert "mmlu acc: base" in logs["benchmarks"] and "tasks cached" in logs["benchmarks"]
     assert logs["gate"].endswith("failed") or logs["gate"].endswith("passed")
 

@@ -136,7 +136,7 @@ def _per_record_reference(q, k, v, cu):
                       for s, e in zip(bounds, bounds[1:])], dim=2).transpose(1, 2)
 
 
-def _varlen_reference(q, k, v, cu_seqlens, max_len, scale):
+def _varlen_reference(q, k, v, cu_seqlens, max_len, scale, window=None):
     """The fused kernel's contract on the CPU: q/k/v (tokens, heads, dim), causal within each record."""
     bounds = cu_seqlens.tolist()
     heads_first = [(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1))
@@ -153,7 +153,7 @@ def test_varlen_attention_equals_each_record_alone_with_grouped_kv_heads(kv_head
 
     q, k, v, cu = _rows([5, 9, 3, 7], heads=4, kv_heads=kv_heads)
     module = SimpleNamespace(training=False, num_key_value_groups=4 // kv_heads, is_causal=True)
-    out, _ = attention.sdpa_varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9)
+    out, _ = attention.varlen_rows_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9)
     flat = attention.flat_attention(q, k, v, cu, 9, None, _varlen_reference, torch.float32)
     assert out.shape == flat.shape == (1, 24, 4, 16)
     assert torch.allclose(out, _per_record_reference(q, k, v, cu), atol=1e-5)
@@ -165,7 +165,7 @@ def test_cuda_half_precision_rows_run_the_fused_varlen_kernel_and_match_per_reco
     q, k, v, cu = _rows([64, 200, 17, 128], heads=8, kv_heads=2, dim=64, device="cuda", dtype=torch.bfloat16)
     assert attention.fused(q.device, q.dtype)
     module = type("M", (), {"training": False, "num_key_value_groups": 4, "is_causal": True})()
-    out, _ = attention.sdpa_varlen_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+    out, _ = attention.varlen_rows_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                                            max_length_q=200)
     ref = _per_record_reference(q.float(), k.float(), v.float(), cu)
     assert (out.float() - ref).abs().max().item() < 3e-2  # bf16 rounding

@@ -110,10 +110,12 @@ def freeze(model, cfg: TrainConfig) -> list[str]:
 def load_model(model_path: str, cfg: TrainConfig, trust_remote_code: bool):
     """Float32 weights (mixed precision autocasts); 4-bit NF4 with bf16/fp16 compute for QLoRA."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    # Records of a flattened row attend only within themselves, at their own cost (a varlen kernel on CUDA).
-    kwargs = {"dtype": torch.float32, "attn_implementation": attention.choose(cfg.batching, _gpu())}
+    # Records of a flattened row attend only within themselves, at their own cost (a varlen kernel on CUDA), with
+    # their family's windows, softcap and sinks.
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    kwargs = {"dtype": torch.float32, "attn_implementation": attention.choose(cfg.batching, _gpu(), config)}
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
