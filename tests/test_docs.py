@@ -25,9 +25,12 @@ def blocks(lang: str) -> list[tuple[str, str]]:
 
 
 def commands() -> list[tuple[str, list[str]]]:
-    """Each `sftflow ...` line of the bash blocks (continuations joined, comments dropped) -> its arguments."""
+    """Each `sftflow ...` line of the bash blocks and each `$ sftflow ...` prompt of the recorded sessions
+    (continuations joined, comments dropped) -> its arguments."""
     found = []
-    for doc, text in blocks("bash"):
+    sessions = [(doc, "\n".join(l[2:] for l in text.splitlines() if l.startswith("$ ") and "sftflow " in l))
+                for doc, text in blocks("text")]
+    for doc, text in blocks("bash") + sessions:
         for line in text.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             for i, w in enumerate(words):
