@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def test_sftflow_serve_answers_a_chat_request_like_direct_generation_until_inter
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         serving.wait_ready(url, proc, log)
+        deadline = time.monotonic() + 30
+        while "serving models:/" not in log.read_text() and time.monotonic() < deadline:  # the command's own check
+            time.sleep(0.2)
         answer = serving.chat(url, MESSAGES, max_tokens=MAX_TOKENS)
     finally:
         proc.send_signal(signal.SIGINT)

@@ -148,7 +148,8 @@ def serve(name: ModelName, alias: Annotated[str, typer.Option(help="registry ali
     log = env.state_dir() / "servers" / f"serve-{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     uri = serving.model_uri(name, alias)
-    with serving.served(uri, log, port or None) as url, contextlib.suppress(KeyboardInterrupt):
+    # Ctrl-C while starting stops as cleanly as once serving: served() ends the server either way.
+    with contextlib.suppress(KeyboardInterrupt), serving.served(uri, log, port or None) as url:
         console.print(f"serving {uri} at {url}/invocations (log: {log}); Ctrl-C stops it")
         while True:
             time.sleep(3600)
