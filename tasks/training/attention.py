@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import inspect
 
+from sftflow import precision as prec
+
 NAME = "sdpa_varlen"
 
 
@@ -28,10 +30,14 @@ def _torch_varlen(q, k, v, cu_seqlens, max_len, scale):
 
 
 def fused(device, dtype) -> bool:
-    """Whether rows on this device in this dtype run PyTorch's fused varlen kernel (CUDA, half precision)."""
+    """Whether rows on this device in this dtype run PyTorch's fused varlen kernel (sftflow.precision decides:
+    CUDA 8.0+, half precision)."""
     import torch
 
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _has_torch_varlen()
+    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    kernel = prec.attention_kernel("padding_free", prec.current_card(device), half, flash_installed=False,
+                                   torch_varlen_available=_has_torch_varlen())
+    return kernel == prec.TORCH_VARLEN
 
 
 def _has_torch_varlen() -> bool:
@@ -90,16 +96,18 @@ def register() -> str:
     return NAME
 
 
-def choose(batching: str, cuda: bool) -> str:
-    """The attn_implementation to load a training model with, for this batching on this device."""
-    if batching == "padded":
-        return "sdpa"
-    if cuda:
+def choose(batching: str, cuda: bool, precision: str | None = None) -> str:
+    """The attn_implementation to load a training model with, for this batching on this device in this training
+    precision (default: what 'auto' resolves to); sftflow.precision.attention_kernel decides."""
+    card = prec.current_card() if cuda else prec.CPU
+    flash = False
+    if card.cuda:
         from transformers.utils import is_flash_attn_2_available
 
-        if is_flash_attn_2_available():
-            return "flash_attention_2"
-    return register()
+        flash = is_flash_attn_2_available()
+    kernel = prec.attention_kernel(batching, card, precision or prec.training_precision("auto", card), flash,
+                                   _has_torch_varlen())
+    return kernel if kernel in (prec.SDPA, prec.FLASH) else register()
 
 
 def describe(model, precision: str) -> str:

@@ -26,11 +26,10 @@ def precision(cfg: TrainConfig) -> str:
     return prec.training(cfg.precision)
 
 
-def check_hardware(cfg: TrainConfig) -> None:
-    """Fail fast, before data or model loading, on a method/precision this machine cannot run."""
-    import torch
-
-    gpu = torch.cuda.is_available()
+def check_hardware(cfg: TrainConfig, card: prec.Card | None = None) -> None:
+    """Fail fast, before data or model loading, on a method/precision this machine (or `card`) cannot run."""
+    card = card or prec.current_card()
+    gpu = card.cuda
     if cfg.method == "qlora":
         if not gpu:
             raise TrainSetupError("train.method 'qlora' needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine "
@@ -39,11 +38,9 @@ def check_hardware(cfg: TrainConfig) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
             raise TrainSetupError("train.method 'qlora' needs bitsandbytes: pip install 'sftflow[gpu]'") from exc
-    if cfg.precision in ("bf16", "fp16") and not gpu:
-        raise TrainSetupError(f"train.precision {cfg.precision!r} needs a CUDA GPU; this machine has none. "
-                              "Use 'auto' (fp32 on CPU) or 'fp32'.")
-    if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise TrainSetupError("train.precision 'bf16': this GPU does not support bf16; use 'fp16' or 'auto'")
+    problem = prec.precision_problem(cfg.precision, card)  # bf16 only where it is native (8.0+)
+    if problem:
+        raise TrainSetupError(problem)
     if cfg.kernels == "liger" and not (gpu and compat.liger_available()):
         raise TrainSetupError("train.kernels 'liger' needs a CUDA GPU and liger-kernel (pip install 'sftflow[gpu]'); "
                               "use 'auto' to take them where they are available")
@@ -54,6 +51,18 @@ def kernels(cfg: TrainConfig) -> str:
     if cfg.kernels == "auto":
         return "liger" if _gpu() and compat.liger_available() else "none"
     return cfg.kernels
+
+
+def attention_used(model, cfg: TrainConfig, device) -> str:
+    """What the model's attention runs on `device`, the trainer's (args.device): read from where it trains, not
+    from where the weights are now (the trainer moves them after loading; FSDP only when training starts)."""
+    import torch
+
+    impl = model.config._attn_implementation
+    if impl != attention.NAME:
+        return impl
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg), torch.float32)
+    return f"{impl} ({'torch varlen kernel' if attention.fused(device, dtype) else 'per-record sdpa'})"
 
 
 def _gpu() -> bool:
@@ -113,7 +122,7 @@ def load_model(model_path: str, cfg: TrainConfig, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
     # Records of a flattened row attend only within themselves, at their own cost (a varlen kernel on CUDA).
-    kwargs = {"dtype": torch.float32, "attn_implementation": attention.choose(cfg.batching, _gpu())}
+    kwargs = {"dtype": torch.float32, "attn_implementation": attention.choose(cfg.batching, _gpu(), precision(cfg))}
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 

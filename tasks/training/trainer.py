@@ -19,12 +19,13 @@ from sftflow import hooks
 from sftflow.configs.training import ADAPTER_METHODS, TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
-from sftflow.tasks.training import attention, compat
+from sftflow.tasks.training import compat
 from sftflow.tasks.training.checkpoints import schedule_args
 from sftflow.tasks.training.setup import (
     TrainSetupError,
     _gpu,
     adapted_layers,
+    attention_used,
     check_hardware,
     freeze,
     kernels,
@@ -174,7 +175,7 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
     tok = load_tokenizer(token_paths.get("tokenizer") or model_path, trust_remote_code)
     model = load_model(model_path, cfg, trust_remote_code)
     params = {"train.precision_resolved": precision(cfg), "train.model_type": model.config.model_type,
-              "train.attention": attention.describe(model, precision(cfg)), "train.kernels_resolved": kernels(cfg)}
+              "train.kernels_resolved": kernels(cfg)}
     peft_config = None
     if cfg.method in ADAPTER_METHODS:
         targets = lora_targets(model.config.model_type, cfg)
@@ -184,10 +185,12 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
         params["train.lora.target_modules_resolved"] = json.dumps(targets)
     elif cfg.method == "frozen":
         params["train.frozen_params"] = len(freeze(model, cfg))
+    args = sft_args(cfg, output_dir, val_ds is not None, **sft_overrides)
     trainer = _counting_trainer_class()(
-        model=model, args=sft_args(cfg, output_dir, val_ds is not None, **sft_overrides),
+        model=model, args=args,
         train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
         peft_config=peft_config, callbacks=[_step_logger(), *(callbacks or []), *hooks.train_callbacks.get()])
+    params["train.attention"] = attention_used(trainer.model, cfg, trainer.args.device)
     params["train.trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     params["train.total_params"] = sum(p.numel() for p in trainer.model.parameters())
     return trainer, params
