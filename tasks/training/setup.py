@@ -6,6 +6,7 @@ method (LoRA targets, QLoRA's 4-bit base, frozen layers) and its attention.
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 
@@ -14,7 +15,7 @@ import yaml
 from sftflow import precision as prec
 from sftflow.configs.training import TrainConfig
 from sftflow.errors import UserError
-from sftflow.tasks.training import attention, compat
+from sftflow.tasks.training import attention, compat, devices
 
 
 class TrainSetupError(UserError, ValueError):
@@ -127,7 +128,9 @@ def load_model(model_path: str, cfg: TrainConfig, trust_remote_code: bool):
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if precision(cfg) == "bf16" else torch.float16
-        kwargs |= {"dtype": compute, "device_map": {"": torch.cuda.current_device()},
+        # This process's own GPU: before the trainer exists nothing has set the current device, so every
+        # accelerate worker would otherwise load its 4-bit base onto cuda:0.
+        kwargs |= {"dtype": compute, "device_map": {"": devices.local_index(os.environ)},
                   "quantization_config": BitsAndBytesConfig(
                       load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                       bnb_4bit_compute_dtype=compute)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from sftflow import hooks
 from sftflow.configs.training import ADAPTER_METHODS, TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
-from sftflow.tasks.training import compat
+from sftflow.tasks.training import compat, devices
 from sftflow.tasks.training.checkpoints import schedule_args
 from sftflow.tasks.training.setup import (
     TrainSetupError,
@@ -33,6 +34,8 @@ from sftflow.tasks.training.setup import (
     lora_targets,
     precision,
 )
+
+log = logging.getLogger("sftflow.train")
 
 
 def _dataset(path: str):
@@ -186,6 +189,8 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
     elif cfg.method == "frozen":
         params["train.frozen_params"] = len(freeze(model, cfg))
     args = sft_args(cfg, output_dir, val_ds is not None, **sft_overrides)
+    if warning := devices.pin_single_device(args):  # several GPUs, one process: TRL refuses DataParallel
+        log.warning(warning)
     trainer = _counting_trainer_class()(
         model=model, args=args,
         train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
