@@ -245,3 +245,14 @@ def test_qlora_trains_4bit_layers_and_saves_an_adapter(tmp_path, token_paths, ti
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and out["adapter_path"]
     trainer, _ = build_trainer(token_paths, tiny_model, TrainConfig(method="qlora", max_steps=1), tmp_path / "q")
     assert sum(type(m).__name__ == "Linear4bit" for m in trainer.model.modules()) > 0
+
+
+def test_a_4bit_parameter_counts_the_weights_it_packs():
+    """bitsandbytes stores two 4-bit weights per byte; QLoRA's parameter count (and gpu_check's MFU) must not halve."""
+    from types import SimpleNamespace
+
+    from sftflow.tasks.training.trainer import weights
+
+    packed = torch.nn.Parameter(torch.zeros(16, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = SimpleNamespace(shape=torch.Size([4, 8]))  # what Params4bit keeps of the unpacked shape
+    assert weights(packed) == 32 and weights(torch.nn.Parameter(torch.zeros(3, 5))) == 15

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -117,6 +118,13 @@ def projected_loss(outputs, labels, num_items_in_batch=None):
     return loss / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1))
 
 
+def weights(param) -> int:
+    """How many weights a parameter holds: bitsandbytes packs two 4-bit weights per byte (numel counts bytes);
+    its quant_state keeps the unpacked shape."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
+
+
 def _counting_trainer_class():
     from transformers import Trainer
     from trl import SFTTrainer
@@ -141,6 +149,9 @@ def _counting_trainer_class():
             model = model.get_base_model() if hasattr(model, "get_base_model") else model
             if self.args.device.type == "cpu" and "logits_to_keep" in inspect.signature(model.forward).parameters:
                 self.compute_loss_func = projected_loss
+            for callback in self.callback_handler.callbacks:  # those that read the counts (a benchmark's clock)
+                if hasattr(callback, "bind_trainer"):
+                    callback.bind_trainer(self)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs.get("attention_mask")
@@ -196,7 +207,7 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
         train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
         peft_config=peft_config, callbacks=[_step_logger(), *(callbacks or []), *hooks.train_callbacks.get()])
     params["train.attention"] = attention_used(trainer.model, cfg, trainer.args.device)
-    params["train.trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    params["train.total_params"] = sum(p.numel() for p in trainer.model.parameters())
+    params["train.trainable_params"] = sum(weights(p) for p in trainer.model.parameters() if p.requires_grad)
+    params["train.total_params"] = sum(weights(p) for p in trainer.model.parameters())
     return trainer, params
 
