@@ -34,7 +34,8 @@ from gpu_metrics import StepClock, mfu, peak_tflops
 
 SIZES = {"tiny": {}, "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 4}}
 DEMO_BASE = "smollm2-135m-instruct"  # configs/demo.yaml's model.base
-TESTS = ["tests/test_train.py", "tests/test_packing.py", "tests/test_template.py"]
+TESTS = ["tests/test_train.py", "tests/test_packing.py", "tests/test_template.py", "tests/test_precision.py",
+         "tests/test_devices.py"]
 WORDS = ("the film was great awful plot acting music scene review product broke day terrible wonderful "
          "question answer classify sentiment positive negative story ending character").split()
 
