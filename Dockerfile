@@ -1,8 +1,10 @@
 # sftflow for GPU clusters: the image of the Kubernetes work pool's flow-run pods (deployments/README.md,
-# "Kubernetes work pool"). CUDA runtime + cuDNN; torch's own wheels bring their CUDA libraries.
+# "Kubernetes work pool"). CUDA runtime + cuDNN of the CUDA release torch's wheels are built for (they bring their own
+# CUDA libraries; the build checks that the two agree). CUDA 13 needs an NVIDIA driver >= 580 and a card of compute
+# capability 7.5 or newer (no V100). `python benchmarks/gpu_check.py` runs in the image.
 #   docker build -t registry.example.com/sftflow:0.1.0 .
 #   sftflow deploy --pool sftflow-gpu --image registry.example.com/sftflow:0.1.0
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -25,13 +27,18 @@ COPY flows ./flows
 COPY tasks ./tasks
 COPY configs ./configs
 COPY deployments ./deployments
+COPY benchmarks ./benchmarks
+COPY tests ./tests
 
-# The gpu extra: bitsandbytes (QLoRA) and liger-kernel; torch resolves to its CUDA build on Linux. Versions are
-# the ranges in pyproject.toml (this is the project itself, not a third-party package).
+# The gpu extra: bitsandbytes (QLoRA) and liger-kernel; the test extra: pytest, for gpu_check's test run. torch is
+# the newest release tested (README, "Tested versions"), whose Linux wheels are built for CUDA 13.0; the other
+# versions are the ranges in pyproject.toml (this is the project itself, not a third-party package).
 # hadolint ignore=DL3013
 RUN python3 -m venv "$VIRTUAL_ENV" \
-    && pip install --no-cache-dir ".[gpu]" \
-    && python -c "import sftflow.flows.retrain, sftflow.flows.monitor"
+    && pip install --no-cache-dir ".[gpu,test]" "torch==2.13.0" \
+    && python -c "import sftflow.flows.retrain, sftflow.flows.monitor" \
+    && python -c "import os, torch; base = os.environ['CUDA_VERSION'].rsplit('.', 1)[0]; \
+assert torch.version.cuda == base, f'torch built for CUDA {torch.version.cuda}, base image CUDA {base}'"
 
 # Flow runs and `mlflow models serve` need no root; state (models, caches, runs) lives in a volume.
 RUN useradd --create-home --uid 1000 sftflow && mkdir -p "$SFTFLOW_HOME" && chown sftflow "$SFTFLOW_HOME"

@@ -1,14 +1,17 @@
 """One command that shows whether training works, and how fast, on this machine's GPU.
 
-    python benchmarks/gpu_check.py [--steps 40] [--model PATH] [--json OUT]
+    python benchmarks/gpu_check.py [--steps 40] [--warmup-steps 5] [--model PATH] [--json OUT]
 
 Trains LoRA, full and QLoRA for --steps steps through the pipeline's own `train()` (padding-free batches, the
 precision, attention and kernels `auto` picks), then a single-process FSDP run with configs/accelerate/fsdp.yaml,
-then runs the CUDA-relevant tests. Per run it prints precision, attention kernel, fused kernels, tokens/s, peak
-GPU memory and MFU = 6 * parameters * tokens/s over the card's dense bf16 peak (--peak-tflops for cards not in
-PEAK_TFLOPS). The model is --model (a folder with safetensors and a tokenizer), else on CUDA the demo's base
-when `sftflow model pull` has put it on disk, else a random Llama built on the spot (about 110M parameters with
-grouped-query attention; `--size tiny` for the test model).
+then runs the CUDA-relevant tests. Per run it prints precision, attention kernel, fused kernels, tokens/s over the
+optimizer steps after --warmup-steps (validation, checkpoint saves and the best model's reload excluded; the FSDP
+run, in worker processes, reports its whole run instead), peak GPU memory of that run alone, and MFU: model FLOPs
+per token (6N for full fine-tuning, 4N + 2 x trainable for adapters) x tokens/s over the card's dense peak
+(gpu_metrics.PEAK_TFLOPS by exact device name; --peak-tflops for any other card). docs/GPU.md has the formulas
+and the table's source. The model is --model (a folder with safetensors and a tokenizer), else on CUDA the demo's
+base when `sftflow model pull` has put it on disk, else a random Llama built on the spot (about 110M parameters
+with grouped-query attention; `--size tiny` for the test model).
 
 Without CUDA it is a smoke run: LoRA and full for a few steps in fp32 on the tiny model, QLoRA, FSDP and the
 tests reported as skipped, and a "no CUDA" line; its numbers say nothing about GPUs.
@@ -17,6 +20,7 @@ tests reported as skipped, and a "no CUDA" line; its numbers say nothing about G
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -26,13 +30,12 @@ import time
 from pathlib import Path
 
 from common import REPO, workdir
+from gpu_metrics import StepClock, mfu, peak_tflops
 
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-               "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
 SIZES = {"tiny": {}, "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 4}}
 DEMO_BASE = "smollm2-135m-instruct"  # configs/demo.yaml's model.base
-TESTS = ["tests/test_train.py", "tests/test_packing.py", "tests/test_template.py"]
+TESTS = ["tests/test_train.py", "tests/test_packing.py", "tests/test_template.py", "tests/test_precision.py",
+         "tests/test_devices.py"]
 WORDS = ("the film was great awful plot acting music scene review product broke day terrible wonderful "
          "question answer classify sentiment positive negative story ending character").split()
 
@@ -74,32 +77,65 @@ def tokens(model: str, work: Path, n: int) -> dict:
                     TemplateConfig(max_length=2048), out_dir=work / "tokens")["paths"]
 
 
-def peak_tflops(override: float | None) -> float | None:
+def card_peak(override: float | None) -> tuple[float | None, str]:
+    """--peak-tflops, else the table's figure for this card -> (peak or None, what to print)."""
     import torch
 
-    if override or not torch.cuda.is_available():
-        return override
+    if override:
+        return override, f"peak {override:g} TFLOP/s (--peak-tflops)"
+    if not torch.cuda.is_available():
+        return None, "no peak (no CUDA)"
     name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = peak_tflops(name)
+    if peak is None:
+        return None, f"no MFU: {name!r} is not in gpu_metrics.PEAK_TFLOPS; pass --peak-tflops (its dense peak)"
+    return peak, f"peak {peak:g} TFLOP/s (dense, {name})"
 
 
 def train_once(method: str, paths: dict, model: str, work: Path, args, launcher: dict | None = None) -> dict:
     """One training through the pipeline's own stage function (or its accelerate launcher) -> a result row."""
+    import torch
+
+    from sftflow import hooks
     from sftflow.configs.training import TrainConfig
     from sftflow.tasks.training import launch
 
     cfg = TrainConfig(method=method, max_steps=args.steps, batch_size=args.batch_size, logging_steps=args.steps,
                       learning_rate=1e-4, warmup_ratio=0.0, launcher=launcher or {})
     out = work / f"run-{method}{'-fsdp' if launcher else ''}"
+    if torch.cuda.is_available():  # this run's peak, not the largest of the runs before it in this process
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    clock = StepClock(warmup=args.warmup_steps)
     started = time.perf_counter()
-    result = launch.launch({"token_paths": paths, "model_path": model, "out_dir": str(out),
-                            "trust_remote_code": False}, cfg)
+    # The clock reaches a trainer in this process only; accelerate workers report their whole run.
+    hook = hooks.train_callbacks.set((clock,))
+    try:
+        result = launch.launch({"token_paths": paths, "model_path": model, "out_dir": str(out),
+                                "trust_remote_code": False}, cfg)
+    finally:
+        hooks.train_callbacks.reset(hook)
     m, p = result["metrics"], result["params"]
+    timed = clock.tokens_per_s is not None
     return {"run": f"{method}{' (FSDP, 1 process)' if launcher else ''}", "precision": p["train.precision_resolved"],
             "attention": p["train.attention"], "kernels": p["train.kernels_resolved"], "steps": m["train/steps"],
-            "tokens_per_s": m["train/tokens_per_s"], "params": m["train/total_params"],
-            "peak_gpu_mem_mb": m.get("train/peak_gpu_mem_mb"), "loss": m["train/final_loss"],
-            "wall_s": time.perf_counter() - started}
+            "tokens_per_s": clock.tokens_per_s if timed else m["train/tokens_per_s"],
+            "timed": f"{clock.steps} steps" if timed else "whole run", "params": m["train/total_params"],
+            "trainable_params": m["train/trainable_params"], "peak_gpu_mem_mb": m.get("train/peak_gpu_mem_mb"),
+            "loss": m["train/final_loss"], "wall_s": time.perf_counter() - started}
+
+
+HEADER = (f"{'run':<24} {'precision':<9} {'attention':<36} {'kernels':<7} {'tokens/s':>10} {'timed':<10} "
+          f"{'peak MiB':>9} {'MFU':>6} {'loss':>7}")
+
+
+def format_row(r: dict) -> str:
+    """One run's line under HEADER, fixed-width: the run's name ('full (FSDP, 1 process)') may hold spaces."""
+    mem = f"{r['peak_gpu_mem_mb']:.0f}" if r["peak_gpu_mem_mb"] is not None else "-"
+    util = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    return (f"{r['run']:<24} {r['precision']:<9} {r['attention']:<36} {r['kernels']:<7} {r['tokens_per_s']:>10.0f} "
+            f"{r['timed']:<10} {mem:>9} {util:>6} {r['loss']:>7.3f}")
 
 
 def run_tests() -> str:
@@ -116,7 +152,8 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=800)
     ap.add_argument("--model", help="a real model folder (safetensors + tokenizer); default: one built here")
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help="built model: small (GPU) or tiny (CPU)")
-    ap.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, for MFU")
+    ap.add_argument("--warmup-steps", type=int, default=5, help="optimizer steps left out of tokens/s")
+    ap.add_argument("--peak-tflops", type=float, help="the card's dense peak (bf16; fp16 before Ampere), for MFU")
     ap.add_argument("--no-tests", action="store_true", help="skip the pytest run")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -131,11 +168,12 @@ def main() -> None:
     work = workdir()
     if not cuda:
         args.steps, args.records, args.batch_size = min(args.steps, 3), min(args.records, 48), min(args.batch_size, 4)
+    args.warmup_steps = max(0, min(args.warmup_steps, args.steps - 1))  # at least one step is timed
     device = torch.cuda.get_device_name() if cuda else "no CUDA: CPU smoke run, numbers say nothing about GPUs"
     print(f"device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}")
     model = model_path(args, work, cuda)
     paths = tokens(model, work, args.records)
-    peak = peak_tflops(args.peak_tflops)
+    peak, peak_note = card_peak(args.peak_tflops)
 
     rows, skipped = [], []
     for method in ("lora", "full", "qlora"):
@@ -149,17 +187,13 @@ def main() -> None:
     else:
         skipped.append("FSDP (configs/accelerate/fsdp.yaml needs CUDA)")
     for r in rows:
-        r["mfu"] = 6 * r["params"] * r["tokens_per_s"] / (peak * 1e12) if peak else None
+        r["mfu"] = mfu(r["tokens_per_s"], r["params"], r["trainable_params"], peak)
 
     print(f"model: {model} ({rows[0]['params'] / 1e6:.1f}M parameters); {args.steps} steps of batch {args.batch_size}"
-          f"; peak bf16 {peak or '?'} TFLOP/s")
-    print(f"{'run':<24} {'precision':<9} {'attention':<36} {'kernels':<7} {'tokens/s':>10} {'peak MiB':>9} "
-          f"{'MFU':>6} {'loss':>7}")
+          f", {args.warmup_steps} warm-up steps untimed; {peak_note}")
+    print(HEADER)
     for r in rows:
-        mem = f"{r['peak_gpu_mem_mb']:.0f}" if r["peak_gpu_mem_mb"] is not None else "-"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['run']:<24} {r['precision']:<9} {r['attention']:<36} {r['kernels']:<7} {r['tokens_per_s']:>10.0f} "
-              f"{mem:>9} {mfu:>6} {r['loss']:>7.3f}")
+        print(format_row(r))
     for s in skipped:
         print(f"skipped: {s}")
     tests = "skipped (--no-tests)" if args.no_tests else run_tests() if cuda else "skipped (no CUDA)"

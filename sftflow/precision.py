@@ -1,25 +1,128 @@
-"""Numeric precision, chosen in one place from the hardware: what training runs in, what evaluation loads."""
+"""Numeric precision and the attention kernel, chosen in one place from the card.
+
+The choices are pure functions of a `Card` (compute capability, native bf16) and of what is installed, so they
+are tested over a table of cards on a machine that has none (tests/test_precision.py); `current_card()` reads
+this machine's. Two facts drive them:
+
+- `torch.cuda.is_bf16_supported()` also says True on pre-Ampere cards (V100 7.0, T4 7.5), where bf16 is emulated
+  and slow; only capability 8.0 and newer have it in hardware, so `auto` trains those cards in fp16.
+- flash-attn 2 and PyTorch's varlen kernel (`torch.nn.attention.varlen`, built on the flash-attention kernels
+  torch ships) need capability 8.0 and fp16/bf16; elsewhere flattened rows take the per-record sdpa path
+  (correct, slower).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 
-def training(setting: str = "auto") -> str:
-    """'auto' -> bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU; any other setting as given."""
-    import torch
+AMPERE = (8, 0)  # the first capability with bf16 tensor cores and the flash-attention kernels
+HALF = ("bf16", "fp16")
+# attention_kernel's answers: the two transformers names a model loads with, and the two paths of sftflow's
+# own `varlen_rows` (tasks/training/attention.py) for flattened rows.
+SDPA, FLASH, TORCH_VARLEN, PER_RECORD = "sdpa", "flash_attention_2", "torch_varlen", "per_record_sdpa"
 
+
+@dataclass(frozen=True)
+class Card:
+    """What the choices need to know about a device. capability None: no CUDA device (CPU)."""
+
+    capability: tuple[int, int] | None = None
+    native_bf16: bool = False  # is_bf16_supported(including_emulation=False), where torch has the argument
+    name: str = "cpu"
+
+    @property
+    def cuda(self) -> bool:
+        return self.capability is not None
+
+    @property
+    def ampere(self) -> bool:
+        return self.capability is not None and self.capability >= AMPERE
+
+    @property
+    def bf16(self) -> bool:
+        """bf16 in hardware; the capability check also covers a torch that counts emulation."""
+        return self.ampere and self.native_bf16
+
+
+CPU = Card()
+
+
+def training_precision(setting: str, card: Card) -> str:
+    """'auto' -> bf16 on a card that has it natively, fp16 on other CUDA cards, fp32 on CPU; else as given."""
     if setting != "auto":
         return setting
-    if not torch.cuda.is_available():
+    if not card.cuda:
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if card.bf16 else "fp16"
+
+
+def precision_problem(setting: str, card: Card) -> str | None:
+    """Why `train.precision: setting` cannot run on this card, or None."""
+    if setting in HALF and not card.cuda:
+        return (f"train.precision {setting!r} needs a CUDA GPU; this machine has none. "
+                "Use 'auto' (fp32 on CPU) or 'fp32'.")
+    if setting == "bf16" and not card.bf16:
+        major, minor = card.capability
+        return (f"train.precision 'bf16': this GPU ({card.name}, compute capability {major}.{minor}) has no "
+                "bf16 in hardware (Ampere, 8.0, and newer do; torch would only emulate it, slowly); "
+                "use 'fp16' or 'auto' (fp16 on this card)")
+    return None
+
+
+def inference_precision(card: Card) -> str:
+    """Weights for evaluation and generation, as torch names them: 'bfloat16' on a card with native bf16, else
+    'float32' (fp16 can overflow)."""
+    return "bfloat16" if card.bf16 else "float32"
+
+
+def attention_kernel(batching: str, card: Card, precision: str, flash_installed: bool,
+                     torch_varlen_available: bool) -> str:
+    """The attention a training runs: padded batches take sdpa; flattened rows (padding_free, packed) take
+    flash-attn 2 or PyTorch's varlen kernel where the card (8.0+) and precision (fp16/bf16) allow, else sdpa once
+    per record. `precision` is the resolved training precision ('bf16', 'fp16', 'fp32')."""
+    if batching == "padded":
+        return SDPA
+    fused_ok = card.ampere and precision in HALF
+    if fused_ok and flash_installed:
+        return FLASH
+    if fused_ok and torch_varlen_available:
+        return TORCH_VARLEN
+    return PER_RECORD
+
+
+@lru_cache(maxsize=16)
+def _cuda_card(index: int) -> Card:
+    import torch
+
+    capability = tuple(torch.cuda.get_device_capability(index))
+    try:
+        with torch.cuda.device(index):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument counts emulation: decide from the capability alone
+        native = capability >= AMPERE
+    return Card(capability, native, torch.cuda.get_device_name(index))
+
+
+def current_card(device=None) -> Card:
+    """The card of `device` (a torch.device; default: the current CUDA device), CPU when it is not CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return CPU
+    index = torch.device(device).index if device is not None else None
+    return _cuda_card(torch.cuda.current_device() if index is None else index)
+
+
+def training(setting: str = "auto") -> str:
+    """training_precision() on this machine's card."""
+    return training_precision(setting, current_card())
 
 
 def inference() -> str:
-    """Weights for evaluation and generation, as torch names them: 'bfloat16' on a GPU that has it, else
-    'float32' (fp16 can overflow). The name is what lm-eval's model_args and the result cache's key take."""
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    """inference_precision() on this machine's card. The name is what lm-eval's model_args and the result
+    cache's key take."""
+    return inference_precision(current_card())
 
 
 def inference_dtype():

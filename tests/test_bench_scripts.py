@@ -38,16 +38,74 @@ def test_trainer_overhead_benchmark_prints_its_ratio(tmp_path, tiny_model):
     assert re.search(r"ratio [\d.]+x \(target <= 1.15x\)", out), out
 
 
+def gpu_check_row(run: str) -> re.Pattern:
+    """A result row of gpu_check for the run named exactly `run`: its precision, attention, kernels, tokens/s."""
+    return re.compile(rf"^{re.escape(run)}\s+(fp32|bf16|fp16)\s+\S+.*\s\d+\s+(\d+ steps|whole run)\s", re.M)
+
+
 def test_gpu_check_trains_each_method_and_says_what_it_ran(tmp_path, tiny_model):
     import torch
 
-    out = run_bench("gpu_check.py", tmp_path, tiny_model, "--size", "tiny", "--steps", "2", "--records", "40",
-                    "--no-tests")
-    methods = ("lora", "full", "qlora", r"full \(FSDP") if torch.cuda.is_available() else ("lora", "full")
-    for method in methods:
-        assert re.search(rf"^{method}\S*\s+(fp32|bf16|fp16)\s+\S+", out, re.M), f"no row for {method}:\n{out}"
+    out = run_bench("gpu_check.py", tmp_path, tiny_model, "--size", "tiny", "--steps", "3", "--warmup-steps", "1",
+                    "--records", "40", "--no-tests")
+    runs = ("lora", "full", "qlora", "full (FSDP, 1 process)") if torch.cuda.is_available() else ("lora", "full")
+    for run in runs:
+        assert gpu_check_row(run).search(out), f"no row for {run}:\n{out}"
+    assert re.search(r"^(lora|full)\s.*\s2 steps\s", out, re.M), out  # 3 steps, the first one untimed
     if not torch.cuda.is_available():
         assert "no CUDA" in out and "skipped: qlora" in out and "skipped: FSDP" in out
+
+
+def _gpu_check_modules():
+    import sys
+
+    sys.path.insert(0, str(BENCH))  # the benchmarks import each other as scripts do
+    try:
+        import gpu_check
+        import gpu_metrics
+    finally:
+        sys.path.remove(str(BENCH))
+    return gpu_check, gpu_metrics
+
+
+def test_the_fsdp_row_that_gpu_check_prints_is_the_row_the_test_finds():
+    gpu_check, _ = _gpu_check_modules()
+    row = {"run": "full (FSDP, 1 process)", "precision": "bf16", "attention": "flash_attention_2", "kernels": "liger",
+           "tokens_per_s": 12345.0, "timed": "whole run", "peak_gpu_mem_mb": 2048.0, "mfu": 0.25, "loss": 1.5}
+    line = gpu_check.format_row(row)
+    assert gpu_check_row("full (FSDP, 1 process)").search(line), line
+    assert not gpu_check_row("full").search(line)  # a full row is not taken for the FSDP one, nor the reverse
+    assert not gpu_check_row("full (FSDP, 1 process)").search(gpu_check.format_row({**row, "run": "full"}))
+
+
+def test_mfu_counts_each_methods_flops_against_the_exact_cards_peak():
+    _, gm = _gpu_check_modules()
+    n = 1_000_000
+    assert gm.flops_per_token(n, n) == 6 * n  # full fine-tuning
+    assert gm.flops_per_token(n, 10_000) == 4 * n + 20_000  # LoRA/QLoRA: no weight gradients for frozen weights
+    assert gm.mfu(1e6, n, n, 989.0) == pytest.approx(6e12 / 989e12)
+    assert gm.mfu(1e6, n, n, None) is None
+    # Exact names: the PCIe and NVL parts are slower than the SXM one their names contain.
+    assert gm.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gm.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gm.peak_tflops("NVIDIA H100 NVL") == 835.0 and gm.peak_tflops("NVIDIA H200") == 989.0
+    assert gm.peak_tflops("NVIDIA A10") == 125.0 and gm.peak_tflops("NVIDIA A10G") == 70.0
+    assert gm.peak_tflops("Tesla T4") == 65.0  # fp16: what auto trains a T4 in
+    assert gm.peak_tflops("NVIDIA H800") is None and gm.peak_tflops("NVIDIA GeForce RTX 5090") is None
+
+
+def test_the_step_clock_times_only_the_steps_after_warm_up():
+    from types import SimpleNamespace
+
+    _, gm = _gpu_check_modules()
+    clock, trainer = gm.StepClock(warmup=2), SimpleNamespace(input_tokens=0)
+    clock.bind_trainer(trainer)
+    for step in range(1, 6):
+        clock.on_step_begin(None, SimpleNamespace(global_step=step - 1), None)
+        trainer.input_tokens += 100 * step
+        clock.on_step_end(None, SimpleNamespace(global_step=step), None)
+        trainer.input_tokens += 7  # outside a step (validation does not count tokens; nothing else may)
+    assert clock.steps == 3 and clock.tokens == 300 + 400 + 500
+    assert clock.tokens_per_s == clock.tokens / clock.seconds
 
 
 @pytest.mark.e2e

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from sftflow.configs.training import TrainConfig
 from sftflow.models import load_tokenizer
+from sftflow.precision import current_card
 from sftflow.records import read_jsonl
 from sftflow.tasks.training import compat
 from sftflow.tasks.training.setup import TrainSetupError, check_hardware, kernels, precision
@@ -106,6 +107,17 @@ def test_half_precision_on_cpu_is_a_clear_error(prec):
     with pytest.raises(TrainSetupError, match=f"{prec}.*needs a CUDA GPU"):
         check_hardware(TrainConfig(precision=prec))
     assert precision(TrainConfig()) == "fp32"  # auto on this CPU-only machine
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5)], ids=["V100", "T4"])
+def test_explicit_bf16_on_a_pre_ampere_card_is_a_clear_error_and_fp16_is_not(capability):
+    from sftflow.precision import Card
+
+    card = Card(capability, native_bf16=True, name="Tesla T4")  # torch counting emulation would say True
+    with pytest.raises(TrainSetupError, match=r"bf16.*compute capability 7\.\d.*'fp16'"):
+        check_hardware(TrainConfig(precision="bf16"), card)
+    check_hardware(TrainConfig(precision="fp16"), card)
+    check_hardware(TrainConfig(precision="bf16"), Card((8, 0), native_bf16=True, name="NVIDIA A100-SXM4-80GB"))
 
 
 def test_method_and_freeze_are_validated_together():
@@ -214,12 +226,14 @@ def test_liger_kernels_on_cpu_are_a_clear_error_and_auto_turns_them_off():
 
 @cuda_only
 def test_on_cuda_auto_trains_in_half_precision_with_every_parameter_on_the_gpu(tmp_path, token_paths, tiny_model):
-    assert precision(TrainConfig()) == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    card = current_card()
+    assert precision(TrainConfig()) == ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16")
     trainer, params = build_trainer(token_paths, tiny_model, TrainConfig(max_steps=2, batch_size=4), tmp_path)
     assert all(p.device.type == "cuda" for p in trainer.model.parameters())
     assert params["train.kernels_resolved"] == ("liger" if compat.liger_available() else "none")
     assert trainer.args.use_liger_kernel is (params["train.kernels_resolved"] == "liger")
-    assert "per-record" not in params["train.attention"]  # a fused varlen kernel, not a Python loop
+    # From 8.0 a fused varlen kernel, not a Python loop; older cards take the per-record path.
+    assert ("per-record" in params["train.attention"]) == (not card.ampere)
     trainer.train()
 
 
@@ -231,3 +245,14 @@ def test_qlora_trains_4bit_layers_and_saves_an_adapter(tmp_path, token_paths, ti
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and out["adapter_path"]
     trainer, _ = build_trainer(token_paths, tiny_model, TrainConfig(method="qlora", max_steps=1), tmp_path / "q")
     assert sum(type(m).__name__ == "Linear4bit" for m in trainer.model.modules()) > 0
+
+
+def test_a_4bit_parameter_counts_the_weights_it_packs():
+    """bitsandbytes stores two 4-bit weights per byte; QLoRA's parameter count (and gpu_check's MFU) must not halve."""
+    from types import SimpleNamespace
+
+    from sftflow.tasks.training.trainer import weights
+
+    packed = torch.nn.Parameter(torch.zeros(16, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = SimpleNamespace(shape=torch.Size([4, 8]))  # what Params4bit keeps of the unpacked shape
+    assert weights(packed) == 32 and weights(torch.nn.Parameter(torch.zeros(3, 5))) == 15

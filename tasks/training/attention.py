@@ -23,6 +23,8 @@ import functools
 import inspect
 import sys
 
+from sftflow import precision as prec
+
 # Not "sdpa_*": transformers treats any name containing "sdpa" as sdpa and refuses families without sdpa support
 # (Gemma 2, gpt-oss), which the per-record eager path serves.
 NAME = "varlen_rows"
@@ -52,10 +54,14 @@ def _torch_varlen(q, k, v, cu_seqlens, max_len, scale, window=None):
 
 
 def fused(device, dtype) -> bool:
-    """Whether rows on this device in this dtype run PyTorch's fused varlen kernel (CUDA, half precision)."""
+    """Whether rows on this device in this dtype run PyTorch's fused varlen kernel (sftflow.precision decides:
+    CUDA 8.0+, half precision)."""
     import torch
 
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _has_torch_varlen()
+    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    kernel = prec.attention_kernel("padding_free", prec.current_card(device), half, flash_installed=False,
+                                   torch_varlen_available=_has_torch_varlen())
+    return kernel == prec.TORCH_VARLEN
 
 
 def needs_eager(softcap=None, s_aux=None) -> bool:
@@ -208,17 +214,20 @@ def has_sinks(config) -> bool:
     return config is not None and config.get_text_config().model_type in {"gpt_oss"}
 
 
-def choose(batching: str, cuda: bool, config=None) -> str | None:
-    """The attn_implementation to load a training model with, for this batching on this device. None for padded
-    batches: the family's default (sdpa, or eager where the family has no sdpa support), as TRL would load it."""
-    if batching == "padded":
-        return None
-    if cuda and not has_sinks(config):
+def choose(batching: str, cuda: bool, config=None, precision: str | None = None) -> str | None:
+    """The attn_implementation to load a training model with, for this batching on this device in this training
+    precision (default: what 'auto' resolves to); sftflow.precision.attention_kernel decides. None for padded
+    batches: the family's default (sdpa, or eager where the family has no sdpa support), as TRL would load it.
+    Never flash-attn 2 for a model with sinks: it would drop them."""
+    card = prec.current_card() if cuda else prec.CPU
+    flash = False
+    if card.cuda and not has_sinks(config):
         from transformers.utils import is_flash_attn_2_available
 
-        if is_flash_attn_2_available():
-            return "flash_attention_2"
-    return register()
+        flash = is_flash_attn_2_available()
+    kernel = prec.attention_kernel(batching, card, precision or prec.training_precision("auto", card), flash,
+                                   _has_torch_varlen())
+    return None if kernel == prec.SDPA else kernel if kernel == prec.FLASH else register()
 
 
 def layer_variants(model) -> dict:
@@ -236,9 +245,10 @@ def layer_variants(model) -> dict:
     return found
 
 
-def describe(model, precision: str) -> str:
-    """What a loaded model's attention runs in this precision, e.g. 'varlen_rows (torch varlen kernel; sliding
-    window 512)'. Read after the model is on its device."""
+def describe(model, precision: str, device=None) -> str:
+    """What a loaded model's attention runs in this precision on `device` (the trainer's: the trainer moves the
+    weights after loading, FSDP only when training starts; default where the weights are), e.g. 'varlen_rows
+    (torch varlen kernel; sliding window 512)'."""
     import torch
 
     impl = model.config._attn_implementation
@@ -246,9 +256,8 @@ def describe(model, precision: str) -> str:
     spelled = "; " + ", ".join(k if v is True else f"{k} {v}" for k, v in variants.items()) if variants else ""
     if impl != NAME:
         return f"{impl}{f' ({spelled[2:]})' if spelled else ''}"
-    param = next(model.parameters())
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, param.dtype)
+    device = device if device is not None else next(model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     eager = "logit softcap" in variants or "sinks" in variants
-    path = ("per-record eager" if eager else "torch varlen kernel" if fused(param.device, dtype)
-            else "per-record sdpa")
+    path = "per-record eager" if eager else "torch varlen kernel" if fused(device, dtype) else "per-record sdpa"
     return f"{NAME} ({path}{spelled})"

@@ -6,6 +6,7 @@ method (LoRA targets, QLoRA's 4-bit base, frozen layers) and its attention.
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 
@@ -14,7 +15,7 @@ import yaml
 from sftflow import precision as prec
 from sftflow.configs.training import TrainConfig
 from sftflow.errors import UserError
-from sftflow.tasks.training import attention, compat
+from sftflow.tasks.training import attention, compat, devices
 
 
 class TrainSetupError(UserError, ValueError):
@@ -26,11 +27,10 @@ def precision(cfg: TrainConfig) -> str:
     return prec.training(cfg.precision)
 
 
-def check_hardware(cfg: TrainConfig) -> None:
-    """Fail fast, before data or model loading, on a method/precision this machine cannot run."""
-    import torch
-
-    gpu = torch.cuda.is_available()
+def check_hardware(cfg: TrainConfig, card: prec.Card | None = None) -> None:
+    """Fail fast, before data or model loading, on a method/precision this machine (or `card`) cannot run."""
+    card = card or prec.current_card()
+    gpu = card.cuda
     if cfg.method == "qlora":
         if not gpu:
             raise TrainSetupError("train.method 'qlora' needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine "
@@ -39,11 +39,9 @@ def check_hardware(cfg: TrainConfig) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
             raise TrainSetupError("train.method 'qlora' needs bitsandbytes: pip install 'sftflow[gpu]'") from exc
-    if cfg.precision in ("bf16", "fp16") and not gpu:
-        raise TrainSetupError(f"train.precision {cfg.precision!r} needs a CUDA GPU; this machine has none. "
-                              "Use 'auto' (fp32 on CPU) or 'fp32'.")
-    if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise TrainSetupError("train.precision 'bf16': this GPU does not support bf16; use 'fp16' or 'auto'")
+    problem = prec.precision_problem(cfg.precision, card)  # bf16 only where it is native (8.0+)
+    if problem:
+        raise TrainSetupError(problem)
     if cfg.kernels == "liger" and not (gpu and compat.liger_available()):
         raise TrainSetupError("train.kernels 'liger' needs a CUDA GPU and liger-kernel (pip install 'sftflow[gpu]'); "
                               "use 'auto' to take them where they are available")
@@ -115,12 +113,15 @@ def load_model(model_path: str, cfg: TrainConfig, trust_remote_code: bool):
     # Records of a flattened row attend only within themselves, at their own cost (a varlen kernel on CUDA), with
     # their family's windows, softcap and sinks.
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    kwargs = {"dtype": torch.float32, "attn_implementation": attention.choose(cfg.batching, _gpu(), config)}
+    kwargs = {"dtype": torch.float32,
+              "attn_implementation": attention.choose(cfg.batching, _gpu(), config, precision(cfg))}
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if precision(cfg) == "bf16" else torch.float16
-        kwargs |= {"dtype": compute, "device_map": {"": torch.cuda.current_device()},
+        # This process's own GPU: before the trainer exists nothing has set the current device, so every
+        # accelerate worker would otherwise load its 4-bit base onto cuda:0.
+        kwargs |= {"dtype": compute, "device_map": {"": devices.local_index(os.environ)},
                   "quantization_config": BitsAndBytesConfig(
                       load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                       bnb_4bit_compute_dtype=compute)}

@@ -16,6 +16,7 @@ from sftflow.charts import plot_curves
 from sftflow.configs.training import ADAPTER_METHODS, TrainConfig
 from sftflow.results import Trained
 from sftflow.tasks.training.checkpoints import run_trainer
+from sftflow.tasks.training.devices import reduce_counts
 from sftflow.tasks.training.trainer import build_trainer
 
 
@@ -43,8 +44,7 @@ def train(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
     wall = time.perf_counter() - start
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     # Token counts of this process's training (a resumed run counts from the resume point), summed over ranks.
-    counts = trainer.accelerator.reduce(torch.tensor([trainer.input_tokens, trainer.trained_tokens]), reduction="sum")
-    tokens, trained_tokens = (int(c) for c in counts.tolist())
+    tokens, trained_tokens = reduce_counts(trainer.accelerator, [trainer.input_tokens, trainer.trained_tokens])
 
     kind = "adapter" if cfg.method in ADAPTER_METHODS else "model"
     save_dir = out_dir / kind

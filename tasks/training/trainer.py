@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from sftflow import hooks
 from sftflow.configs.training import ADAPTER_METHODS, TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
-from sftflow.tasks.training import attention, compat
+from sftflow.tasks.training import attention, compat, devices
 from sftflow.tasks.training.checkpoints import schedule_args
 from sftflow.tasks.training.setup import (
     TrainSetupError,
@@ -32,6 +34,8 @@ from sftflow.tasks.training.setup import (
     lora_targets,
     precision,
 )
+
+log = logging.getLogger("sftflow.train")
 
 
 def _dataset(path: str):
@@ -113,6 +117,13 @@ def projected_loss(outputs, labels, num_items_in_batch=None):
     return loss / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum().clamp(min=1))
 
 
+def weights(param) -> int:
+    """How many weights a parameter holds: bitsandbytes packs two 4-bit weights per byte (numel counts bytes);
+    its quant_state keeps the unpacked shape."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
+
+
 def _counting_trainer_class():
     from transformers import Trainer
     from trl import SFTTrainer
@@ -137,6 +148,9 @@ def _counting_trainer_class():
             model = model.get_base_model() if hasattr(model, "get_base_model") else model
             if self.args.device.type == "cpu" and "logits_to_keep" in inspect.signature(model.forward).parameters:
                 self.compute_loss_func = projected_loss
+            for callback in self.callback_handler.callbacks:  # those that read the counts (a benchmark's clock)
+                if hasattr(callback, "bind_trainer"):
+                    callback.bind_trainer(self)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs.get("attention_mask")
@@ -174,7 +188,7 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
     tok = load_tokenizer(token_paths.get("tokenizer") or model_path, trust_remote_code)
     model = load_model(model_path, cfg, trust_remote_code)
     params = {"train.precision_resolved": precision(cfg), "train.model_type": model.config.model_type,
-              "train.attention": attention.describe(model, precision(cfg)), "train.kernels_resolved": kernels(cfg)}
+              "train.kernels_resolved": kernels(cfg)}
     peft_config = None
     if cfg.method in ADAPTER_METHODS:
         targets = lora_targets(model.config.model_type, cfg)
@@ -184,11 +198,15 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
         params["train.lora.target_modules_resolved"] = json.dumps(targets)
     elif cfg.method == "frozen":
         params["train.frozen_params"] = len(freeze(model, cfg))
+    args = sft_args(cfg, output_dir, val_ds is not None, **sft_overrides)
+    if warning := devices.pin_single_device(args):  # several GPUs, one process: TRL refuses DataParallel
+        log.warning(warning)
     trainer = _counting_trainer_class()(
-        model=model, args=sft_args(cfg, output_dir, val_ds is not None, **sft_overrides),
+        model=model, args=args,
         train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
         peft_config=peft_config, callbacks=[_step_logger(), *(callbacks or []), *hooks.train_callbacks.get()])
-    params["train.trainable_params"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    params["train.total_params"] = sum(p.numel() for p in trainer.model.parameters())
+    params["train.attention"] = attention.describe(trainer.model, precision(cfg), trainer.args.device)
+    params["train.trainable_params"] = sum(weights(p) for p in trainer.model.parameters() if p.requires_grad)
+    params["train.total_params"] = sum(weights(p) for p in trainer.model.parameters())
     return trainer, params
 
