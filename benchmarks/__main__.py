@@ -7,6 +7,8 @@
   P4  near dedup: benchmarks/near_dedup.py (speed-up over datasketch, at its recall)
   P5  trainer vs bare PyTorch loop: benchmarks/trainer_overhead.py
   P6  peak RSS of the first flow run's process tree (the ephemeral Prefect server included)
+  P7  CPU precision: bf16 / fp32 training tokens/s and lm-eval speed on this CPU (benchmarks/cpu_precision.py;
+      `auto` takes bf16 on CPUs with AMX-BF16/AVX512-BF16)
   E1  evaluation: lm-eval wall time of the fine-tuned model / the base's, in the first flow run
 
 Full mode runs configs/demo.yaml and the scripts on the demo model; `--quick` runs configs/smoke.yaml and the
@@ -34,9 +36,10 @@ GIB = 1024 ** 3
 # Variables of the caller's Prefect/MLflow set-up: each arm gets its own state dir and ephemeral servers.
 FOREIGN_ENV = ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SFTFLOW_DEBUG")
 MODES = {
-    "full": {"config": "configs/demo.yaml", "packing": [], "trainer": [], "dedup": []},
+    "full": {"config": "configs/demo.yaml", "packing": [], "trainer": [], "dedup": [], "precision": []},
     "quick": {"config": "configs/smoke.yaml", "packing": ["--steps", "2", "--repeats", "1", "--pack-length", "512"],
-              "trainer": ["--steps", "2", "--repeats", "1"], "dedup": ["--repeats", "1", "--max-records", "1000"]},
+              "trainer": ["--steps", "2", "--repeats", "1"], "dedup": ["--repeats", "1", "--max-records", "1000"],
+              "precision": ["--steps", "3", "--repeats", "1", "--mmlu", "1", "--bbh", "1"]},
 }
 
 
@@ -155,6 +158,12 @@ def scripts(mode: dict, env: dict, work: Path) -> list[dict]:
     m = find(r"trainer ([\d.]+) s, bare loop ([\d.]+) s, ratio ([\d.]+)x", out, "trainer_overhead")
     rows.append(row("P5", "trainer step / bare PyTorch step", float(m.group(3)), "x", 1.15,
                     f"trainer {m.group(1)} s, bare {m.group(2)} s per step"))
+    out = script("cpu_precision", mode["precision"], env, work)
+    m = find(r"^bf16/fp32 speed: training ([\d.]+)x, lm-eval ([\d.]+)x \(auto picks (\w+) here\)", out,
+             "cpu_precision")
+    cpu = find(r"^CPU: (.*)$", out, "cpu_precision").group(1)
+    rows.append(row("P7", "CPU bf16 / fp32 training speed", float(m.group(1)), "x", None,
+                    f"lm-eval {m.group(2)}x; auto picks {m.group(3)}; {cpu}"))
     return rows
 
 

@@ -19,6 +19,7 @@ FIELDS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
               ("val loss {:.4g}", ("train/val_loss",)), ("{:.0f} tok/s", ("train/tokens_per_s",))],
 }
 HELDOUT_MEASURE = "label_acc"
+PRECISION_OF = {"train": "train", "heldout": "eval", "benchmarks": "eval"}  # stage -> its params' prefix
 
 
 def _fields(stage: str, metrics: dict) -> list[str]:
@@ -52,17 +53,28 @@ def _benchmarks(metrics: dict) -> list[str]:
     return out
 
 
+def _precision(stage: str, params: dict) -> list[str]:
+    """Which precision ran and why, e.g. `bf16 (auto: the CPU has AVX512-BF16)`."""
+    prefix = PRECISION_OF.get(stage)
+    if prefix is None or f"{prefix}.precision_resolved" not in params:
+        return []
+    return [f"{params[f'{prefix}.precision_resolved']} ({params.get(f'{prefix}.precision_reason', '?')})"]
+
+
 def stage_summary(stage: str, metrics: dict, params: dict | None = None) -> str:
-    """`<stage>: <key figures>` (just the stage name when it reported none of them)."""
+    """`<stage>: <key figures>` (just the stage name when it reported none of them); params: the stage's own
+    (which precision and attention it ran)."""
+    params = params or {}
     parts = _fields(stage, metrics)
-    if stage == "train" and (params or {}).get("train.attention"):  # which attention path, windows, softcap
-        parts.append(f"attention {params['train.attention']}")
     if stage == "heldout":
         parts += _heldout(metrics)
     elif stage == "benchmarks":
         parts += _benchmarks(metrics)
     elif stage == "gate" and names.GATE_PASSED in metrics:
         parts.append("passed" if metrics[names.GATE_PASSED] else "failed")
+    parts += _precision(stage, params)
+    if stage == "train" and params.get("train.attention"):  # which attention path, windows, softcap
+        parts.append(f"attention {params['train.attention']}")
     return ", ".join(parts)
 
 

@@ -12,6 +12,9 @@ os.environ["SFTFLOW_HOME"] = tempfile.mkdtemp(prefix="sftflow-test-")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_HOME", None)
+# The same numbers on every CI machine: `auto` would train and evaluate in bf16 on CPUs with AMX/AVX512-BF16 and in
+# fp32 on the others. The bf16 paths have tests of their own that ask for bf16 explicitly.
+os.environ["SFTFLOW_CPU_BF16"] = "0"
 
 from sftflow import env  # noqa: E402
 

@@ -111,7 +111,7 @@ def test_the_step_clock_times_only_the_steps_after_warm_up():
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_the_harness_runs_every_benchmark_in_quick_mode_and_writes_its_json(tmp_path, tiny_model):
-    """`python -m benchmarks --quick`: P1-P6 and E1 measured (smoke config, tiny model), one table, one JSON."""
+    """`python -m benchmarks --quick`: P1-P7 and E1 measured (smoke config, tiny model), one table, one JSON."""
     import json
 
     out = tmp_path / "bench.json"
@@ -122,7 +122,7 @@ def test_the_harness_runs_every_benchmark_in_quick_mode_and_writes_its_json(tmp_
     result = json.loads(out.read_text())
     assert result["mode"] == "quick" and result["errors"] == [] and "CPU cores" in result["machine"]
     rows = {r["id"]: r for r in result["results"]}
-    assert set(rows) == {"P1", "P2", "P3", "P4", "P5", "P6", "E1"}
+    assert set(rows) == {"P1", "P2", "P3", "P4", "P5", "P6", "P7", "E1"}
     assert all(r["value"] > 0 for r in rows.values()), rows
     assert 0.05 < rows["P6"]["value"] < 8  # GiB: the tiny model's flow, Prefect server included
     assert rows["P2"]["value"] < 1.5  # the rerun finds the data, the training and the base's scores cached
@@ -135,3 +135,15 @@ def test_eval_speed_benchmark_prints_every_arm_and_the_ratios(tmp_path, tiny_mod
     for arm in ("base, stock budget", "ft via peft=, stock budget (before)", "base, budget 8", "ft merged, budget 8 (now)"):
         assert re.search(rf"^{re.escape(arm)}\s+[\d.]+ s$", out, re.M), out
     assert re.search(r"ft/base before [\d.]+x, now [\d.]+x \(target <= 1.3x\)", out), out
+
+
+def test_cpu_precision_benchmark_prints_the_flags_the_choice_and_both_ratios(tmp_path, tiny_model):
+    out = run_bench("cpu_precision.py", tmp_path, tiny_model, "--steps", "3", "--repeats", "1", "--mmlu", "1",
+                    "--bbh", "1")
+    assert re.search(r"^CPU: .*avx512_bf16=[01] amx_bf16=[01]$", out, re.M), out
+    assert re.search(r"^precision auto here: training (fp32|bf16), evaluation (float32|bfloat16) \(auto: ", out,
+                     re.M), out
+    for arm in ("train fp32", "train bf16 autocast", "lm-eval fp32", "lm-eval bf16"):
+        assert re.search(rf"^{arm}\s+[\d.]+ (tok/s|s)", out, re.M), out
+    assert re.search(r"^bf16/fp32 speed: training [\d.]+x, lm-eval [\d.]+x \(auto picks (fp32|bf16) here\)$", out,
+                     re.M), out

@@ -1,5 +1,6 @@
 """The smoke config through the real Prefect flow (ephemeral server) and MLflow (SQLite), end to end."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,10 @@ def test_each_prefect_task_logs_its_stage_summary(smoke_run):
     assert "train 60 / val 8 / test 12" in logs["split"]
     assert "6 steps, final loss" in logs["train"] and "label_acc: base" in logs["heldout"]
     assert ", attention varlen_rows (" in logs["train"] or ", attention flash_attention_2" in logs["train"]
+    # Which precision ran and why: the suite's CPUs all run fp32 (SFTFLOW_CPU_BF16=0), a GPU its own.
+    assert re.search(r", (fp32|bf16|fp16) \(auto: ", logs["train"]), logs["train"]
+    for stage in ("heldout", "benchmarks"):
+        assert re.search(r", (float32|bfloat16) \(auto: ", logs[stage]), logs[stage]
     assert "mmlu acc: base" in logs["benchmarks"] and "tasks cached" in logs["benchmarks"]
     assert logs["gate"].endswith("failed") or logs["gate"].endswith("passed")
 

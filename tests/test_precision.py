@@ -6,13 +6,44 @@ import torch
 
 from sftflow import precision
 from sftflow.models import load_causal_lm
-from sftflow.precision import CPU, Card, attention_kernel, inference_precision, precision_problem, training_precision
+from sftflow.precision import (
+    CPU,
+    Card,
+    attention_kernel,
+    cpu_card,
+    inference_precision,
+    precision_problem,
+    precision_reason,
+    training_precision,
+)
 
 # native_bf16 as torch without `including_emulation` reports it: True on every card, emulation counted.
 V100, T4 = Card((7, 0), True, "Tesla V100-SXM2-32GB"), Card((7, 5), True, "Tesla T4")
 A100, A10 = Card((8, 0), True, "NVIDIA A100-SXM4-80GB"), Card((8, 6), True, "NVIDIA A10")
 H100, B200 = Card((9, 0), True, "NVIDIA H100 80GB HBM3"), Card((10, 0), True, "NVIDIA B200")
 PRE_AMPERE, AMPERE_ON = (V100, T4), (A100, A10, H100, B200)
+# CPUs by their flags (torch.cpu.get_capabilities()): an AVX2-only AMD EPYC, an AMD EPYC with AVX512-BF16, a Xeon
+# with AMX.
+EPYC_AVX2 = cpu_card({"avx2": True, "avx512_bf16": False, "amx_bf16": False}, "AMD EPYC")
+EPYC_BF16 = cpu_card({"avx2": True, "avx512_bf16": True, "amx_bf16": False}, "AMD EPYC")
+XEON_AMX = cpu_card({"avx512_bf16": True, "amx_bf16": True, "amx_tile": True}, "Intel Xeon")
+CPUS = (EPYC_AVX2, EPYC_BF16, XEON_AMX)
+
+
+@pytest.mark.parametrize("cpu", CPUS, ids=["avx2", "avx512_bf16", "amx"])
+def test_a_cpu_trains_and_evaluates_in_bf16_exactly_when_it_has_bf16_instructions(cpu):
+    native = cpu is not EPYC_AVX2
+    assert cpu.bf16 == native and not cpu.cuda
+    assert training_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert inference_precision(cpu) == ("bfloat16" if native else "float32")
+    assert training_precision("fp32", cpu) == "fp32" and training_precision("bf16", cpu) == "bf16"  # explicit wins
+    reason = precision_reason("auto", cpu)
+    assert reason == ("auto: the CPU has AMX-BF16" if cpu is XEON_AMX else "auto: the CPU has AVX512-BF16"
+                      if native else "auto: the CPU has no bf16 instructions (AMX-BF16, AVX512-BF16)")
+    assert precision_reason("fp32", cpu) == "set in the config"
+    assert precision_problem("bf16", cpu) is None and "needs a CUDA GPU" in precision_problem("fp16", cpu)
+    # Flattened rows on any CPU: sdpa once per record.
+    assert attention_kernel("padding_free", cpu, training_precision("auto", cpu), True, True) == "per_record_sdpa"
 
 
 @pytest.mark.parametrize("card", PRE_AMPERE + AMPERE_ON + (CPU,), ids=lambda c: c.name)
@@ -32,8 +63,8 @@ def test_explicit_bf16_on_a_pre_ampere_card_is_refused_with_the_reason(card):
     assert precision_problem("fp16", card) is None and precision_problem("auto", card) is None
 
 
-def test_half_precision_on_cpu_is_refused_and_every_setting_runs_on_ampere():
-    assert "needs a CUDA GPU" in precision_problem("bf16", CPU) and "needs a CUDA GPU" in precision_problem("fp16", CPU)
+def test_fp16_on_cpu_is_refused_and_every_setting_runs_on_ampere():
+    assert "needs a CUDA GPU" in precision_problem("fp16", CPU) and precision_problem("bf16", CPU) is None
     assert precision_problem("fp32", CPU) is None and precision_problem("auto", CPU) is None
     assert all(precision_problem(s, c) is None for s in ("auto", "bf16", "fp16", "fp32") for c in AMPERE_ON)
 
@@ -63,7 +94,7 @@ def test_flattened_rows_take_a_fused_kernel_only_from_ampere_on_in_half_precisio
 def test_this_machine_is_read_into_the_same_decisions():
     card = precision.current_card()
     assert card.cuda == torch.cuda.is_available()
-    assert precision.current_card(torch.device("cpu")) == CPU
+    assert not precision.current_card(torch.device("cpu")).cuda
     assert precision.training() == training_precision("auto", card)
     if card.cuda:  # the real card's bf16 is native exactly from 8.0 on
         assert card.bf16 == (torch.cuda.get_device_capability() >= (8, 0))

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from sftflow import metrics as names
+from sftflow import precision
 from sftflow.charts import plot_deltas
 from sftflow.configs.schema import EvalConfig
 from sftflow.records import write_jsonl
@@ -87,4 +88,4 @@ def benchmarks(models: dict[str, ModelRef], cfg: EvalConfig, out_dir: Path,
     (out_dir / "benchmarks.json").write_text(json.dumps(metrics, indent=2))
     return {"metrics": metrics, "forgetting": rows, "artifacts": [out_dir / "benchmarks.json", *artifacts],
             "params": {"eval.benchmarks": ",".join(sorted({t.benchmark for t in tasks})),
-                       "eval.lm_eval_version": lm_eval_version()}}
+                       "eval.lm_eval_version": lm_eval_version(), **precision.eval_params()}}

@@ -120,8 +120,9 @@ def heldout(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out
     if key is None:
         result = compute(out_dir)
         result["metrics"][names.stage_cache_hit(STAGE)] = 0
-        return result
-    return cached(STAGE, key, out_dir, compute)
+    else:
+        result = cached(STAGE, key, out_dir, compute)
+    return {**result, "params": {**result.get("params", {}), **precision.eval_params()}}
 
 
 def _evaluate(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out_dir: Path,

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from sftflow import hooks
+from sftflow import precision as prec
 from sftflow.configs.training import ADAPTER_METHODS, TrainConfig
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl
@@ -187,8 +188,8 @@ def build_trainer(token_paths: dict, model_path: str, cfg: TrainConfig, output_d
                               "tokens): packing would truncate it; raise train.pack_length")
     tok = load_tokenizer(token_paths.get("tokenizer") or model_path, trust_remote_code)
     model = load_model(model_path, cfg, trust_remote_code)
-    params = {"train.precision_resolved": precision(cfg), "train.model_type": model.config.model_type,
-              "train.kernels_resolved": kernels(cfg)}
+    params = {"train.precision_resolved": precision(cfg), "train.precision_reason": prec.training_reason(cfg.precision),
+              "train.model_type": model.config.model_type, "train.kernels_resolved": kernels(cfg)}
     peft_config = None
     if cfg.method in ADAPTER_METHODS:
         targets = lora_targets(model.config.model_type, cfg)
