@@ -74,7 +74,7 @@ def main() -> None:
 
     from sftflow import precision
     from sftflow.tasks.evaluation.mirror import sweep_tasks
-    from sftflow.tasks.evaluation.mirrors import BENCHMARKS
+    from sftflow.tasks.evaluation.catalog import BENCHMARKS
 
     use_cpu_bf16(None)
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}

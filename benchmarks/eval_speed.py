@@ -54,7 +54,7 @@ def main() -> None:
     from sftflow.models import pull
     from sftflow.tasks.evaluation.lmeval import lm_eval_model
     from sftflow.tasks.evaluation.mirror import sweep_tasks
-    from sftflow.tasks.evaluation.mirrors import BENCHMARKS
+    from sftflow.tasks.evaluation.catalog import BENCHMARKS
 
     cfg = load_config(REPO / "configs" / "demo.yaml").eval
     base = os.environ.get("SFTFLOW_BENCH_MODEL") or str(pull(load_config(REPO / "configs" / "demo.yaml").model.base))

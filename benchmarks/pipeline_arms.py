@@ -38,7 +38,7 @@ def run_direct(cfg, work: Path) -> dict:
     from sftflow.tasks.evaluation.gate import gate
     from sftflow.tasks.evaluation.heldout import heldout
     from sftflow.tasks.evaluation.report import report
-    from sftflow.tasks.training.model import resolve_model
+    from sftflow.tasks.training.resolve_base import resolve_model
     from sftflow.tasks.training.run import run_training
     from sftflow.tasks.training.setup import check_hardware
     from sftflow.tasks.training.template import template

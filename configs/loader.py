@@ -97,7 +97,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 def check_benchmarks(cfg: PipelineConfig, origin: str = "config") -> None:
     """Every subtask the eval runs (and decontamination indexes) must exist, with all its files, before any
     work starts: a run that trained for an hour must not fail at evaluation, nor decontaminate against nothing."""
-    from sftflow.tasks.evaluation.mirrors import BENCHMARKS, missing_files, missing_message, unknown_subtasks
+    from sftflow.tasks.evaluation.catalog import BENCHMARKS, missing_files, missing_message, unknown_subtasks
 
     wanted = {name: getattr(cfg.eval, name).subtasks for name in BENCHMARKS if getattr(cfg.eval, name).enabled}
     if unknown := [msg for name, subs in wanted.items() if (msg := unknown_subtasks(name, subs))]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -222,10 +221,6 @@ class PipelineConfig(Section):
     gate: GateConfig = GateConfig()
     monitor: MonitorConfig = MonitorConfig()
     tracking: TrackingConfig = TrackingConfig()
-
-    @property
-    def data_root(self) -> Path:
-        return Path(self.data.root)
 
     def digest(self) -> str:
         """Content hash of the resolved config (stable key order)."""

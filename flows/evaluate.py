@@ -6,13 +6,10 @@ from __future__ import annotations
 import uuid
 
 from prefect import flow
-from prefect.runtime import flow_run
 
-from sftflow import env
 from sftflow.configs.schema import PipelineConfig
-from sftflow.ops import fence
-from sftflow.tasks.evaluation.benchmarks import benchmarks_task, sweep_models
-from sftflow.tracking import parent_run
+from sftflow.stack.entry import FlowEntry
+from sftflow.tasks.evaluation.benchmarks import benchmarks, sweep_models
 
 
 def _run_name() -> str:
@@ -23,10 +20,10 @@ def _run_name() -> str:
 def evaluate_model(config: PipelineConfig, model: str, baseline: bool = False) -> dict:
     """model: registry alias, model folder, LoRA adapter folder (on config.model.base), .gguf file or hub id.
     Returns the sweep's metrics and forgetting rows, the swept model tags, the run dir and the parent MLflow run."""
-    state = env.configure(config.offline)
-    fence.enforce(config)
+    entry = FlowEntry()
+    state = entry.admit(config)
     models = sweep_models(model, config.model.base, config.offline, baseline)
-    with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
-        result = benchmarks_task(ctx, models, config.eval, trust_remote_code=config.model.trust_remote_code)
+    with entry.parent_run(config, state) as ctx:
+        result = benchmarks.task(ctx, models, config.eval, trust_remote_code=config.model.trust_remote_code)
     return {"metrics": result["metrics"], "forgetting": result.get("forgetting", {}), "models": list(models),
             "run_dir": ctx.run_dir, "mlflow_run_id": ctx.parent_run_id}

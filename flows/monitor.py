@@ -13,7 +13,7 @@ from sftflow import env
 from sftflow.configs.schema import PipelineConfig
 from sftflow.errors import UserError
 from sftflow.flows.retrain import PACKAGED_CONFIGS, config_path, resolve_config
-from sftflow.ops import fence
+from sftflow.stack.entry import FlowEntry
 
 
 def retrain_sources(cfg: PipelineConfig, data: Path) -> list[dict]:
@@ -36,7 +36,7 @@ def start_retrain(deployment: str, config_file: str, overrides: list[str], sourc
 
 @task(name="monitor-check")
 def check_task(cfg: PipelineConfig, data: str) -> dict:
-    from sftflow.ops.monitor import check
+    from sftflow.release.monitoring import check
 
     out = env.state_dir() / "monitor" / f"{cfg.name}-{flow_run.name or 'local'}"
     return check(cfg, Path(data), out)
@@ -52,14 +52,11 @@ def monitor(config_file: str, data: str, overrides: list[str] | None = None) -> 
         overrides: `key.path=value` overrides, as `sftflow run --set` takes them
     """
     logger = get_run_logger()
-    guard = fence.deployment_fence()
-    if guard:
-        fence.refuse(guard[0], fence.config_file_violations(config_path(config_file), guard[1], PACKAGED_CONFIGS))
-        fence.refuse(guard[0], fence.config_file_violations(Path(data), guard[1]))
+    entry = FlowEntry()
+    entry.check_files(config_path(config_file), shipped=PACKAGED_CONFIGS)
+    entry.check_files(Path(data))
     cfg = resolve_config(config_file, overrides or [], None, None, None)
-    if guard:  # what the form's overrides made of it
-        fence.refuse(guard[0], fence.violations(cfg, guard[1]))
-    env.configure(cfg.offline)
+    entry.admit(cfg)  # what the form's overrides made of it
     verdict = check_task(cfg, data)
     logger.info(verdict["reason"])
     retrain_run = None

@@ -13,10 +13,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.states import Completed
 
-from sftflow import cache, env, links
+from sftflow import cache, links
 from sftflow.configs.loader import load_config
 from sftflow.configs.schema import PipelineConfig, Source
-from sftflow.ops import fence, registry
+from sftflow.release import registry
+from sftflow.stack.entry import FlowEntry
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -77,13 +78,10 @@ def retrain(config_file: str = "configs/demo.yaml", overrides: list[str] | None 
 
     logger = get_run_logger()
     # Started from a deployment (UI form, API): the deployment's own policy bounds what the form may ask for.
-    guard = fence.deployment_fence()
-    if guard:
-        fence.refuse(guard[0], fence.config_file_violations(config_path(config_file), guard[1], PACKAGED_CONFIGS))
+    entry = FlowEntry()
+    entry.check_files(config_path(config_file), shipped=PACKAGED_CONFIGS)
     cfg = resolve_config(config_file, overrides or [], model, method, sources)
-    if guard:
-        fence.refuse(guard[0], fence.violations(cfg, guard[1]))
-    env.configure(cfg.offline)
+    entry.admit(cfg)
     fp = fingerprint(cfg)
     known = None if force else registry.find_version(cfg.name, fp["fingerprint"])
     if known is not None:

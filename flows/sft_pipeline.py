@@ -9,12 +9,10 @@ from __future__ import annotations
 import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.runtime import flow_run
 
-from sftflow import env, links
+from sftflow import links
 from sftflow.configs.schema import PipelineConfig
 from sftflow.models import model_digest
-from sftflow.ops import fence
 from sftflow.redact import scrub
 from sftflow.results import (
     Base,
@@ -30,28 +28,28 @@ from sftflow.results import (
     Trained,
     Verdict,
 )
-from sftflow.tasks.data.curate import curate_task
+from sftflow.stack.entry import FlowEntry
+from sftflow.tasks.data.curate import curate
 from sftflow.tasks.data.decontam import targets as decontam_targets
-from sftflow.tasks.data.load import load_task
-from sftflow.tasks.data.split import split_task
-from sftflow.tasks.evaluation.benchmarks import benchmarks_task
-from sftflow.tasks.evaluation.gate import gate_task
-from sftflow.tasks.evaluation.heldout import heldout_task
-from sftflow.tasks.evaluation.report import report_task
-from sftflow.tasks.training.model import model_task
-from sftflow.tasks.training.run import train_task
+from sftflow.tasks.data.load import load
+from sftflow.tasks.data.split import split
+from sftflow.tasks.evaluation.benchmarks import benchmarks
+from sftflow.tasks.evaluation.gate import gate
+from sftflow.tasks.evaluation.heldout import heldout
+from sftflow.tasks.evaluation.report import report
+from sftflow.tasks.training.resolve_base import resolve_model
+from sftflow.tasks.training.run import run_training
 from sftflow.tasks.training.setup import check_hardware
-from sftflow.tasks.training.template import template_task
-from sftflow.tracking import parent_run
+from sftflow.tasks.training.template import template
 
 
 def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> Splits:
     """load -> curate (pre-flight, filters, exact + near dedup) -> split (grouped, decontaminated)."""
-    loaded: Loaded = load_task(ctx, config.data, policy=config.curate)
-    curated: Curated = curate_task(ctx, loaded["records"], config.curate, tokenizer=tokenizer,
+    loaded: Loaded = load.task(ctx, config.data, policy=config.curate)
+    curated: Curated = curate.task(ctx, loaded["records"], config.curate, tokenizer=tokenizer,
                                    max_length=config.template.max_length,
                                    system_prompt=config.template.system_prompt, load_rejects=loaded["rejects"])
-    splits: Splits = split_task(ctx, curated["records"], config.split,
+    splits: Splits = split.task(ctx, curated["records"], config.split,
                                 upstream={"load": loaded["ledger"], "curate": curated["ledger"]},
                                 benchmarks=decontam_targets(config.eval), benchmark_root=config.eval.benchmark_root)
     create_markdown_artifact(key="sftflow-curation", markdown=splits["report_md"],
@@ -62,10 +60,10 @@ def prepare_data(ctx, config: PipelineConfig, tokenizer: str) -> Splits:
 @flow(name="sftflow-curate")
 def curate_pipeline(config: PipelineConfig) -> dict:
     """Only the data stage (and the base model's tokenizer for the pre-flight token counts)."""
-    state = env.configure(config.offline)
-    fence.enforce(config)
-    with parent_run(config, state, str(flow_run.id), flow_run.name) as ctx:
-        base = model_task(ctx, config.model, config.offline)
+    entry = FlowEntry()
+    state = entry.admit(config)
+    with entry.parent_run(config, state) as ctx:
+        base = resolve_model.task(ctx, config.model, config.offline)
         splits = prepare_data(ctx, config, base["path"])
     return {"mlflow_run_id": ctx.parent_run_id, "run_dir": ctx.run_dir, "report_md": splits["report_md"],
             "paths": splits["paths"]}
@@ -74,20 +72,21 @@ def curate_pipeline(config: PipelineConfig) -> dict:
 @flow(name="sft-pipeline")
 def sft_pipeline(config: PipelineConfig, nest_under: str | None = None) -> PipelineResult:
     """The whole job; `nest_under`: an MLflow run id (a sweep's) to nest this run's MLflow run under."""
-    state = env.configure(config.offline)
-    fence.enforce(config)  # deployed on its own, its run form is a remote entry point too
+    entry = FlowEntry()
+    state = entry.admit(config)  # deployed on its own, its run form is a remote entry point too
     trust = config.model.trust_remote_code
     check_hardware(config.train)  # QLoRA or bf16 on a CPU-only machine fails now, not after the data stages
-    with parent_run(config, state, str(flow_run.id), flow_run.name, nest_under) as ctx:
+    with entry.parent_run(config, state, nest_under) as ctx:
         # 1. the base model first: the data pre-flight counts tokens with its tokenizer and chat template
-        base: Base = model_task(ctx, config.model, config.offline)
+        base: Base = resolve_model.task(ctx, config.model, config.offline)
 
         # 2-3. data: every record loaded, checked, filtered, deduplicated, split and decontaminated
         splits = prepare_data(ctx, config, base["path"])
 
         # 4-5. render with the chat template (the base's own, or template.chat_template), audit masks, fine-tune
-        tokens: Tokens = template_task(ctx, splits["paths"], base["path"], config.template, trust_remote_code=trust)
-        trained: Trained = train_task(ctx, tokens["paths"], base["path"], config.train, trust_remote_code=trust)
+        tokens: Tokens = template.task(ctx, splits["paths"], base["path"], config.template, trust_remote_code=trust)
+        trained: Trained = run_training.task(ctx, tokens["paths"], base["path"], config.train,
+                                             trust_remote_code=trust)
 
         # 6. evaluate every model against the base: specialisation on held-out data, forgetting on
         #    benchmarks, then the promotion gate; every model carries a content digest, so an unchanged
@@ -96,16 +95,16 @@ def sft_pipeline(config: PipelineConfig, nest_under: str | None = None) -> Pipel
             "base": {"path": base["path"], "digest": base["digest"], "tokenizer": base["path"]},
             "ft": {"path": trained["model_path"], "adapter": trained["adapter_path"], "tokenizer": base["path"],
                    "digest": model_digest(trained["model_path"], trained["adapter_path"])}}
-        held: Heldout = heldout_task(ctx, splits["paths"]["test"], models, config.eval.heldout,
+        held: Heldout = heldout.task(ctx, splits["paths"]["test"], models, config.eval.heldout,
                                      system_prompt=config.template.system_prompt, trust_remote_code=trust,
                                      bootstrap_iters=config.eval.bootstrap_iters, seed=config.eval.seed,
                                      chat_tokenizer=tokens["paths"]["tokenizer"])
-        bench: Benchmarks = benchmarks_task(ctx, models, config.eval, trust_remote_code=trust)
-        verdict: Verdict = gate_task(ctx, [held["metrics"], bench["metrics"]], config.gate)
+        bench: Benchmarks = benchmarks.task(ctx, models, config.eval, trust_remote_code=trust)
+        verdict: Verdict = gate.task(ctx, [held["metrics"], bench["metrics"]], config.gate)
 
         # 7. report
         forgetting = bench["forgetting"].get("ft", [])
-        summary: Report = report_task(ctx, [held["metrics"], bench["metrics"]], forgetting, verdict=verdict)
+        summary: Report = report.task(ctx, [held["metrics"], bench["metrics"]], forgetting, verdict=verdict)
 
     create_markdown_artifact(
         key="sftflow-summary",

@@ -2,7 +2,7 @@
 
 config + space file -> Optuna study (grid, TPE constrained on forgetting, or random; SQLite beside the MLflow
 store) -> each trial: the space's values as overrides -> sft_pipeline nested under the sweep's MLflow run ->
-scored with the gate's measures, or pruned on validation loss during training (sweep_prune) -> Pareto table and
+scored with the gate's measures, or pruned on validation loss during training (sweeps.prune) -> Pareto table and
 plot, the best trial that passes the gate (registered as challenger on request). The data stages and the base
 model's benchmarks come from the caches after trial one.
 """
@@ -17,24 +17,25 @@ from threading import Lock
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from sftflow import charts, env, hooks
+from sftflow import charts, hooks
 from sftflow.flows.retrain import PACKAGED_CONFIGS, config_path, fingerprint, resolve_config
-from sftflow.ops import fence, registry
-from sftflow.ops import sweep_pareto as pareto
-from sftflow.ops import sweep_prune as prune
-from sftflow.ops import sweep_space as space
-from sftflow.ops import sweep_study as study_state
+from sftflow.release import registry
+from sftflow.stack.entry import FlowEntry
+from sftflow.stack.fence import FenceError
+from sftflow.sweeps import pareto
+from sftflow.sweeps import prune
+from sftflow.sweeps import space
+from sftflow.sweeps import study as study_state
 
 
-def _trial_config(config_file: str, base_overrides: list[str], params: dict, guard):
+def _trial_config(config_file: str, base_overrides: list[str], params: dict, entry: FlowEntry):
     cfg = resolve_config(config_file, [*base_overrides, *space.overrides(params)], None, None, None)
-    if guard:  # a trial's values are form input too: the deployment's fence holds for each of them
-        fence.refuse(guard[0], fence.violations(cfg, guard[1]))
+    entry.check(cfg)  # a trial's values are form input too: the deployment's fence holds for each of them
     return cfg
 
 
 def run_trial(study, spec: space.SweepSpec, config_file: str, base_overrides: list[str], sweep_run_id: str,
-              guard, state_dir) -> dict:
+              entry: FlowEntry, state_dir) -> dict:
     """Ask Optuna for a trial, run the pipeline on its values, tell the score; a crash is recorded, not raised."""
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
@@ -47,7 +48,7 @@ def run_trial(study, spec: space.SweepSpec, config_file: str, base_overrides: li
     params, run_id = dict(trial.params), None
     reporter = None if spec.pruner.type == "none" else prune.val_loss_reporter(trial)
     try:
-        cfg = _trial_config(config_file, base_overrides, params, guard)
+        cfg = _trial_config(config_file, base_overrides, params, entry)
         hook = hooks.train_callbacks.set((reporter,) if reporter else ())
         try:
             state = sft_pipeline.with_options(flow_run_name=f"{study.study_name}-trial-{trial.number}")(
@@ -64,7 +65,7 @@ def run_trial(study, spec: space.SweepSpec, config_file: str, base_overrides: li
         scored = None if pruned else pareto.score(found[0].data.metrics, cfg.gate)
         if scored and scored["gain"] is None:
             raise RuntimeError("; ".join(scored["reasons"]))
-    except fence.FenceError:
+    except FenceError:
         study.tell(trial, state=TrialState.FAIL)
         raise  # a value the deployment does not allow stops the sweep
     except Exception as exc:  # one trial's failure is that trial's outcome; the sweep goes on
@@ -158,14 +159,12 @@ def sweep(config_file: str = "configs/demo.yaml", space_file: str = "configs/swe
         register_best: register the best trial that passes the gate as `challenger`
     """
     logger = get_run_logger()
-    guard = fence.deployment_fence()
-    if guard:
-        fence.refuse(guard[0], [*fence.config_file_violations(config_path(config_file), guard[1], PACKAGED_CONFIGS),
-                                *fence.config_file_violations(config_path(space_file), guard[1], PACKAGED_CONFIGS)])
+    entry = FlowEntry()
+    entry.check_files(config_path(config_file), config_path(space_file), shipped=PACKAGED_CONFIGS)
     spec = space.load_spec(config_path(space_file), n_trials)
-    base_overrides = [*(overrides or []), *spec.overrides]
-    base = _trial_config(config_file, base_overrides, {}, guard)
-    state = env.configure(base.offline)
+    base_overrides = space.every_trial(spec, overrides or [])
+    base = _trial_config(config_file, base_overrides, {}, entry)
+    state = entry.admit(base)
     name = study_state.study_name(base, spec)
     study = study_state.open_study(name, spec, state)
     if redo := study_state.requeue_stale(study):
@@ -179,7 +178,7 @@ def sweep(config_file: str = "configs/demo.yaml", space_file: str = "configs/swe
                        "every trial trains to the end")
     try:
         run_trials(todo, spec.concurrency,
-                   lambda: run_trial(study, spec, config_file, base_overrides, sweep_run_id, guard, state))
+                   lambda: run_trial(study, spec, config_file, base_overrides, sweep_run_id, entry, state))
         run_dir = state / "sweeps" / name
         run_dir.mkdir(parents=True, exist_ok=True)
         results = study_state.records(study)
@@ -192,7 +191,7 @@ def sweep(config_file: str = "configs/demo.yaml", space_file: str = "configs/swe
     version = None
     if register_best and out["best"]:
         best = out["best"]
-        cfg = _trial_config(config_file, base_overrides, best["params"], guard)
+        cfg = _trial_config(config_file, base_overrides, best["params"], entry)
         version = registry.register_candidate(
             cfg.name, best["run_id"], {"passed": True, "reasons": [f"best of sweep {name}"]}, fingerprint(cfg),
             {"gain": round(best["gain"], 4), "worst_forgetting": round(best["worst_forgetting"], 4)},

@@ -2,8 +2,8 @@
 
 Users compare runs in MLflow by these names and the README's metric table documents them, so they never
 change; stages build them here and the CLI, the report and `sftflow compare` read them back here.
-`<tag>` is an evaluated model (`base`, `ft`, `model`, `ft_best`, ...). Comparisons with the base carry the
-model in their prefix unless it is "ft": `forgetting/mmlu/delta`, `forgetting/ft_best/mmlu/delta`.
+`<tag>` is an evaluated model (`base`, `ft`; `model` in `sftflow eval`). Comparisons with the base carry the
+model in their prefix unless it is "ft": `forgetting/mmlu/delta`, `forgetting/model/mmlu/delta`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""MLflow run tree (one parent per flow run, one child per stage) and the thin stage-task wrapper.
+"""MLflow run tree (one parent per flow run, one child per stage) and the `@stage` declaration.
 
 Stage functions stay plain: `fn(..., out_dir=Path) -> {"metrics": {...}, "artifacts": [...], ...}`.
-`stage_task` turns one into a Prefect task that runs it inside its own child MLflow run.
+`@stage(name)` gives one a `.task`: the Prefect task that runs it inside its own child MLflow run.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
-        return True
+        pass
     return True
 
 
@@ -235,18 +235,19 @@ def log_summary(name: str, metrics: dict, duration: float, params: dict | None =
                 extra={"sftflow_stage": {"stage": name, "cache_hit": hit, "duration_s": duration, "summary": summary}})
 
 
-def stage_task(fn: Callable, name: str, **task_kwargs) -> Callable:
-    """Thin Prefect wrapper: task(ctx, *args) -> run_stage(name, fn, ctx, *args). Stages pass file paths, not
-    data, so results need no persistence; caching is per stage."""
-    def wrapper(ctx: RunContext, *args, **kwargs):
-        with tracking_errors():
-            return run_stage(name, fn, ctx, *args, **kwargs)
+def stage(name: str, **task_kwargs) -> Callable[[Callable], Callable]:
+    """Declare a stage: the function is returned as is, with `.task(ctx, *args)`, the Prefect task running
+    run_stage(name, fn, ctx, *args). Stages pass paths, not data: no result persistence; caching is per stage."""
+    def declare(fn: Callable) -> Callable:
+        def wrapper(ctx: RunContext, *args, **kwargs):
+            with tracking_errors():
+                return run_stage(name, fn, ctx, *args, **kwargs)
 
-    # Not functools.wraps: Prefect would read fn's signature (no ctx) through __wrapped__.
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-
-    task_kwargs.setdefault("cache_policy", NO_CACHE)
-    return task(wrapper, name=name, **task_kwargs)
+        # Not functools.wraps: Prefect would read fn's signature (no ctx) through __wrapped__.
+        wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+        fn.stage, fn.task = name, task(wrapper, name=name, **{"cache_policy": NO_CACHE, **task_kwargs})
+        return fn
+    return declare
 
 
 def _artifact_root(state: Path) -> Path | None:

@@ -113,7 +113,8 @@ def deployed(pool: str, extra_specs: dict | None = None):
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.testing.utilities import prefect_test_harness
 
-    from sftflow.ops.deploy import apply, load_specs
+    from sftflow.cli.operations import deployable_flows
+    from sftflow.stack.deployments import apply, load_specs
 
     cwd = os.getcwd()
     os.chdir(REPO)  # allow.roots are relative to where `deploy` runs
@@ -121,7 +122,8 @@ def deployed(pool: str, extra_specs: dict | None = None):
         with prefect_test_harness(server_startup_timeout=None):
             with get_client(sync_client=True) as client:
                 client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            yield apply({**load_specs(REPO / "deployments/deployments.yaml"), **(extra_specs or {})}, pool)
+            yield apply({**load_specs(REPO / "deployments/deployments.yaml"), **(extra_specs or {})}, deployable_flows(),
+                        pool)
     finally:
         os.chdir(cwd)
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sftflow.ops.cli import app
+from sftflow.cli.app import app
 from sftflow.records import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

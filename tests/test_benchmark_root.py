@@ -14,7 +14,7 @@ from sftflow.records import write_jsonl
 from sftflow.tasks.data.decontam import DecontamError, targets
 from sftflow.tasks.data.split import split
 from sftflow.tasks.evaluation.mirror import build_mirror
-from sftflow.tasks.evaluation.mirrors import BENCHMARKS, MissingBenchmarkError
+from sftflow.tasks.evaluation.catalog import BENCHMARKS, MissingBenchmarkError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs/smoke.yaml"

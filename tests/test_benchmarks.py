@@ -8,7 +8,7 @@ from sftflow.configs.schema import BenchmarkConfig, EvalConfig
 from sftflow.records import read_jsonl
 from sftflow.tasks.evaluation.benchmarks import benchmarks
 from sftflow.tasks.evaluation.mirror import build_mirror
-from sftflow.tasks.evaluation.mirrors import stock_tasks_dir
+from sftflow.tasks.evaluation.catalog import stock_tasks_dir
 
 
 def test_mmlu_mirror_converts_csv_and_includes_the_stock_yaml(tmp_path, data_root):

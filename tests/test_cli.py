@@ -1,7 +1,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from sftflow.ops.cli import app
+from sftflow.cli.app import app
 
 runner = CliRunner()
 

@@ -5,8 +5,8 @@ import pytest
 from test_registry import pipeline_run
 from typer.testing import CliRunner
 
-from sftflow.ops import compare
-from sftflow.ops.cli import app
+from sftflow.review import compare
+from sftflow.cli.app import app
 
 METRICS = {"heldout/delta/label_acc": 0.25, "forgetting/mmlu/delta": -0.05, "forgetting/mmlu/n": 10,
            "train/final_loss": 1.5, "train/trainable_params": 1000}

@@ -9,7 +9,7 @@ from sftflow.records import read_jsonl
 from sftflow.tasks.data.curate import curate
 from sftflow.tasks.data.load import load
 from sftflow.tasks.data.split import SPLITS, split
-from sftflow.tasks.evaluation.mirrors import BENCHMARKS
+from sftflow.tasks.evaluation.catalog import BENCHMARKS
 
 TASK = "natural-instructions/tasks/task1312_amazonreview_polarity_classification.json"
 BENCH = {"mmlu": ["anatomy"], "bbh": ["navigate"]}

@@ -5,7 +5,7 @@ from sftflow.configs.schema import DecontamConfig, EvalConfig, Source
 from sftflow.tasks.data.decontam import NgramIndex, benchmark_items, contaminated, targets
 from sftflow.tasks.data.dedup.minhash import words
 from sftflow.tasks.data.load import load_source
-from sftflow.tasks.evaluation.mirrors import BENCHMARKS
+from sftflow.tasks.evaluation.catalog import BENCHMARKS
 
 BENCH = {"mmlu": ["anatomy", "virology"], "bbh": ["navigate", "boolean_expressions"]}
 

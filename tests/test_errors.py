@@ -14,15 +14,15 @@ import pytest
 from sftflow.configs.loader import ConfigError
 from sftflow.errors import UserError
 from sftflow.models import ModelError
-from sftflow.ops.compare import CompareError
-from sftflow.ops.fence import FenceError
-from sftflow.ops.registry import RegistryError
-from sftflow.ops.servers import ServerError
-from sftflow.ops.shots import ShotError
+from sftflow.review.compare import CompareError
+from sftflow.stack.fence import FenceError
+from sftflow.release.registry import RegistryError
+from sftflow.stack.servers import ServerError
+from sftflow.review.screenshots import ShotError
 from sftflow.tasks.data.decontam import DecontamError
 from sftflow.tasks.data.load import DataError
 from sftflow.tasks.data.preflight import PreflightError
-from sftflow.tasks.evaluation.mirrors import MissingBenchmarkError
+from sftflow.tasks.evaluation.catalog import MissingBenchmarkError
 from sftflow.tasks.training.setup import TrainSetupError
 from sftflow.tasks.training.template import TemplateError
 
@@ -34,7 +34,7 @@ def sftflow(home: Path, *args: str, timeout: float = 300) -> subprocess.Complete
     environ = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "MLFLOW_TRACKING_URI",
                                                                    "PREFECT_API_URL", "SFTFLOW_DEBUG")}
     environ.update(SFTFLOW_HOME=str(home), HF_TOKEN=SECRET, COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "sftflow.ops.cli", *args], cwd=REPO, env=environ, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sftflow.cli", *args], cwd=REPO, env=environ, capture_output=True,
                           text=True, timeout=timeout)
 
 

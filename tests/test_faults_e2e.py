@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sftflow import cache
-from sftflow.ops.servers import free_port
+from sftflow.stack.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -33,7 +33,7 @@ def start_run(home: Path, log: Path, *overrides: str, tracking_uri: str | None =
     environ["SFTFLOW_HOME"] = str(home)
     if tracking_uri:
         environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    cmd = [sys.executable, "-m", "sftflow.ops.cli", "run", str(REPO / "configs/smoke.yaml"), "--set",
+    cmd = [sys.executable, "-m", "sftflow.cli", "run", str(REPO / "configs/smoke.yaml"), "--set",
            f"data.root={SHARED_DATA}", *(a for o in overrides for a in ("--set", o))]
     with log.open("w") as fh:  # a file, not a pipe: a full pipe would stall the run
         return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=fh, stderr=subprocess.STDOUT,

@@ -15,8 +15,8 @@ from test_registry import PASS, fp, pipeline_run
 
 from sftflow.configs.loader import load_config
 from sftflow.flows.monitor import monitor
-from sftflow.ops import registry
-from sftflow.ops.monitor import MonitorError, judge, read_traffic
+from sftflow.release import registry
+from sftflow.release.monitoring import MonitorError, judge, read_traffic
 from sftflow.tasks.evaluation.heldout import generate
 
 REPO = Path(__file__).resolve().parents[1]

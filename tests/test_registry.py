@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sftflow.ops import registry
+from sftflow.release import registry
 
 # The folder the train stage saves per method (tests/test_train.py checks lora and full against real training).
 SAVED = {"lora": "adapter", "qlora": "adapter", "full": "model", "frozen": "model"}

@@ -13,7 +13,7 @@ from sftflow import env
 from sftflow.configs.loader import load_config
 from sftflow.configs.schema import Source
 from sftflow.flows.retrain import fingerprint, resolve_config, retrain
-from sftflow.ops import registry
+from sftflow.release import registry
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from sftflow.ops import servers
+from sftflow.stack import servers
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from sftflow import env
-from sftflow.ops import servers
-from sftflow.ops.shots import prefect_run_page, shows
+from sftflow.stack import servers
+from sftflow.review.screenshots import prefect_run_page, shows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.servers]
 

@@ -2,11 +2,14 @@
 answers chat requests over HTTP from `mlflow models serve`, exactly as generating with the model directly."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 import yaml
@@ -14,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from test_registry import PASS, fp, pipeline_run
 
 from sftflow.models import load_causal_lm, load_tokenizer
-from sftflow.ops import registry, serving
+from sftflow.release import registry, serving
+from sftflow.stack.servers import free_port
 from sftflow.tasks.evaluation.heldout import generate
 
 MESSAGES = [{"role": "user", "content": "Is the sky green? Answer yes or no."}]
@@ -52,7 +56,7 @@ print("ANSWER=" + json.dumps(out[0]["choices"][0]["message"]["content"]))
 def test_the_champion_loads_in_one_line_in_a_fresh_process(tmp_path, method):
     name, weights = champion_of(tmp_path, method, metrics={"heldout/delta/label_acc": 0.25,
                                                            "forgetting/mmlu/delta": -0.01, "train/loss": 1.0})
-    done = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER, serving.champion_uri(name), json.dumps(MESSAGES),
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_ANSWER, serving.model_uri(name), json.dumps(MESSAGES),
                            str(MAX_TOKENS)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     answer = json.loads(done.stdout.split("ANSWER=")[-1])
@@ -79,10 +83,28 @@ def test_the_logged_model_is_a_self_contained_chat_model_linked_to_its_metrics(t
     assert sorted(weights) == ["adapter_model.safetensors", "model.safetensors"], weights  # safetensors only
 
 
-def test_mlflow_models_serve_answers_a_chat_request_like_direct_generation(tmp_path):
+def test_sftflow_serve_answers_a_chat_request_like_direct_generation_until_interrupted(tmp_path):
+    """`sftflow serve` runs `mlflow models serve` (serving.served) until Ctrl-C, then stops it."""
     name, weights = champion_of(tmp_path)
-    with serving.served(serving.champion_uri(name), tmp_path / "serve.log") as url:
-        assert url.startswith("http://127.0.0.1:")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "cli.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sftflow.cli", "serve", name, "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        serving.wait_ready(url, proc, log)
+        deadline = time.monotonic() + 30
+        while "serving models:/" not in log.read_text() and time.monotonic() < deadline:  # the command's own check
+            time.sleep(0.2)
         answer = serving.chat(url, MESSAGES, max_tokens=MAX_TOKENS)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    out = log.read_text()
+    assert proc.returncode == 0, out
+    assert f"serving models:/{name}@champion at {url}/invocations" in " ".join(out.split())
     assert answer == direct_answer(weights)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/ping", timeout=2)
     assert "--host 127.0.0.1" in " ".join(serving.serve_command("models:/x@champion", 5001))

@@ -6,8 +6,8 @@ import pytest
 
 from sftflow import metrics as names
 from sftflow.configs.schema import GateConfig
-from sftflow.ops import sweep_pareto as pareto
-from sftflow.ops import sweep_space as space
+from sftflow.sweeps import pareto
+from sftflow.sweeps import space
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sweeps"
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +19,15 @@ def test_a_grid_file_runs_every_grid_point_and_overrides_keep_types():
     assert space.overrides({"train.lora.r": 4, "train.learning_rate": 1e-3}) == \
         ["train.lora.r=4", "train.learning_rate=0.001"]
     assert space.load_spec(FIXTURES / "grid.yaml", n_trials=2).trials() == 2
+
+
+def test_the_command_line_set_wins_over_the_space_files_overrides(tmp_path):
+    from sftflow.configs.loader import load_config
+
+    file = tmp_path / "space.yaml"
+    file.write_text("sampler: grid\nparams: {train.lora.r: [4]}\noverrides: [eval.mmlu.limit=3, eval.bbh.limit=2]\n")
+    cfg = load_config(REPO / "configs" / "smoke.yaml", space.every_trial(space.load_spec(file), ["eval.mmlu.limit=5"]))
+    assert (cfg.eval.mmlu.limit, cfg.eval.bbh.limit) == (5, 2)
 
 
 def test_the_demo_space_is_a_2x2_grid_under_a_sweep_section():
@@ -111,7 +120,7 @@ def test_the_table_lists_trials_by_gain_with_the_front_marked_and_failures_last(
 def test_the_cli_refuses_a_bad_space_with_one_message_before_any_work(tmp_path):
     from typer.testing import CliRunner
 
-    from sftflow.ops.cli import app
+    from sftflow.cli.app import app
 
     assert "--n-trials" in CliRunner().invoke(app, ["sweep", "--help"]).output
     path = tmp_path / "space.yaml"

@@ -60,9 +60,11 @@ def test_a_form_run_is_refused_a_space_file_or_override_outside_the_roots(deploy
 def test_each_trials_values_are_fenced_too(tmp_path, data_root):
     """A space file inside the roots may still sample a value outside them: that trial is refused."""
     from sftflow.flows.sweep import _trial_config
-    from sftflow.ops.fence import Fence, FenceError
+    from sftflow.stack.entry import FlowEntry
+    from sftflow.stack.fence import Fence, FenceError
 
-    guard = ("sweep", Fence(roots=[str(data_root)]))
+    guard = FlowEntry()  # outside a flow run: no deployment, so give it one
+    guard.deployment = ("sweep", Fence(roots=[str(data_root)]))
     assert _trial_config(SMOKE, [f"data.root={data_root}"], {"train.lora.r": 2}, guard).train.lora.r == 2
     with pytest.raises(FenceError, match="data.root = .* is outside"):
         _trial_config(SMOKE, [f"data.root={data_root}"], {"data.root": str(tmp_path)}, guard)

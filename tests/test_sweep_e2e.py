@@ -13,9 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from sftflow import env
 from sftflow.configs.loader import load_config
-from sftflow.ops import compare, registry
-from sftflow.ops import sweep_study as study_state
-from sftflow.ops.sweep_space import load_spec
+from sftflow.release import registry
+from sftflow.review import compare
+from sftflow.sweeps import study as study_state
+from sftflow.sweeps.space import every_trial, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "sweeps"
@@ -46,7 +47,7 @@ def study(cfg_overrides: list[str], space: Path):
     import optuna
 
     spec = load_spec(space)
-    cfg = load_config(SMOKE, [*cfg_overrides, *spec.overrides])
+    cfg = load_config(SMOKE, every_trial(spec, cfg_overrides))
     return optuna.load_study(study_name=study_state.study_name(cfg, spec),
                              storage=study_state.storage_url(env.state_dir()))
 
@@ -130,7 +131,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(prefect_server, 
     space = tmp_path / "resume.yaml"
     space.write_text(f"sampler: grid\nparams:\n  train.lora.r: [2, 6]\noverrides: {CHEAP}\n")
     overrides = [f"data.root={data_root}", "name=smoke-resume"]
-    proc = subprocess.Popen([sys.executable, "-m", "sftflow.ops.cli", "sweep", SMOKE, str(space),
+    proc = subprocess.Popen([sys.executable, "-m", "sftflow.cli", "sweep", SMOKE, str(space),
                              *(a for o in overrides for a in ("--set", o))], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "sweep.log", "w"))
     deadline = time.time() + 600

@@ -13,8 +13,8 @@ from optuna.trial import create_trial
 
 from sftflow import cache, hooks
 from sftflow.configs.training import TrainConfig
-from sftflow.ops import sweep_prune
-from sftflow.ops import sweep_space as space
+from sftflow.sweeps import prune
+from sftflow.sweeps import space
 from sftflow.prefect_console import is_user_error_record
 from sftflow.tasks.training.run import STAGE, run_training, training_key
 from sftflow.tracking import RunContext, run_stage
@@ -60,7 +60,7 @@ def study_with_one_finished_trial(loss: float):
 def train_trial(study, token_paths, model, out_dir):
     """One trial of `study`: the real training stage, with the trial's reporter set as sftflow's hook."""
     trial = study.ask({"lr": FloatDistribution(1e-4, 1e-2)})
-    reporter = sweep_prune.val_loss_reporter(trial)
+    reporter = prune.val_loss_reporter(trial)
     cfg = TrainConfig(**CFG, learning_rate=trial.params["lr"])
     token = hooks.train_callbacks.set((reporter,))
     try:

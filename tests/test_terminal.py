@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sftflow import tracking
-from sftflow.ops.terminal import RunOutput
+from sftflow.cli.terminal import RunOutput
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_chatter_goes_to_the_log_and_stage_summaries_to_the_terminal(tmp_path, c
 
 
 def test_a_bar_still_running_is_written_as_it_stands_once_a_minute(tmp_path):
-    from sftflow.ops.terminal import LastFrameWriter
+    from sftflow.cli.terminal import LastFrameWriter
 
     clock = iter([0.0, 10.0, 30.0, 61.0, 70.0, 75.0, 80.0]).__next__  # seconds at creation and at each write
     path = tmp_path / "log"
@@ -54,7 +54,7 @@ def test_a_bar_still_running_is_written_as_it_stands_once_a_minute(tmp_path):
 
 
 def test_verbose_changes_nothing(tmp_path, capsys, monkeypatch):
-    from sftflow.ops import terminal
+    from sftflow.cli import terminal
 
     monkeypatch.setenv("SFTFLOW_HOME", str(tmp_path))
     monkeypatch.setattr(terminal, "VERBOSE", True)
@@ -68,7 +68,7 @@ def test_a_cli_run_prints_a_line_per_stage_and_keeps_the_rest_in_run_log(tmp_pat
     environ = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "MLFLOW_TRACKING_URI",
                                                                    "PREFECT_API_URL", "SFTFLOW_DEBUG")}
     environ.update(SFTFLOW_HOME=str(tmp_path), COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "sftflow.ops.cli", "curate", "configs/smoke.yaml", "--set",
+    proc = subprocess.run([sys.executable, "-m", "sftflow.cli", "curate", "configs/smoke.yaml", "--set",
                            f"data.root={data_root}"], cwd=REPO, env=environ, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

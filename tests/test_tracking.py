@@ -79,3 +79,22 @@ def test_runs_logging_one_dataset_at_once_all_succeed_and_share_one_row():
     assert not errors
     digests = {i.dataset.digest for r in runs for i in client.get_run(r).inputs.dataset_inputs}
     assert digests == {dataset.digest}
+
+
+def test_a_stage_is_its_plain_function_with_a_task_of_its_name():
+    """`@stage` keeps the typed function a reader and a tool see; the flow calls its `.task`."""
+    import inspect
+
+    from prefect import Task
+
+    from sftflow.tasks.data import curate, load, split
+    from sftflow.tasks.evaluation import benchmarks, gate, heldout, report
+    from sftflow.tasks.training import resolve_base, run, template
+
+    stages = {load.load: "load", curate.curate: "curate", split.split: "split", template.template: "template",
+              resolve_base.resolve_model: "model", run.run_training: "train", heldout.heldout: "heldout",
+              benchmarks.benchmarks: "benchmarks", gate.gate: "gate", report.report: "report"}
+    for fn, name in stages.items():
+        assert inspect.isfunction(fn) and "out_dir" in inspect.signature(fn).parameters, name
+        assert isinstance(fn.task, Task) and fn.task.name == fn.stage == name
+    assert run.run_training.task.retries == 2

@@ -1,7 +1,7 @@
 """The Prefect run form is a remote entry point: deployment runs are fenced by the deployment's own `allow:`
 section, and secrets never reach MLflow.
 
-Deployments are created by `sftflow.ops.deploy.apply` on a real Prefect server (test harness) with a process work
+Deployments are created by `sftflow.stack.deployments.apply` on a real Prefect server (test harness) with a process work
 pool; each run is created from its deployment exactly as the UI's Run button does and executed by Prefect's
 flow engine in this process (the worker's subprocess would run the same engine on the same flow run).
 """
@@ -17,9 +17,9 @@ from test_registry import pipeline_run
 from sftflow import env
 from sftflow.configs.loader import load_config
 from sftflow.flows.retrain import fingerprint, resolve_config, retrain
-from sftflow.ops import registry
-from sftflow.ops.deploy import DeploymentSpec
-from sftflow.ops.fence import Fence, violations
+from sftflow.release import registry
+from sftflow.stack.deployments import DeploymentSpec
+from sftflow.stack.fence import Fence, violations
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = "configs/smoke.yaml"

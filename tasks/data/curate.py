@@ -14,14 +14,14 @@ from collections import Counter
 from pathlib import Path
 
 from sftflow import cache
+from sftflow.cache import cached
 from sftflow.configs.schema import CurateConfig
 from sftflow.records import read_jsonl, reject, snippet, write_jsonl
 from sftflow.results import Curated
-from sftflow.stagecache import cached
 from sftflow.tasks.data.dedup import exact, minhash
 from sftflow.tasks.data.filters import filter_reason
 from sftflow.tasks.data.preflight import preflight, tokenizer_files
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage
 
 REMOVED = ("rejected", "exact_dup", "near_dup")
 
@@ -134,6 +134,7 @@ def _curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str 
                                                 "curate_rejects.jsonl")]}
 
 
+@stage("curate")
 def curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str | None = None, max_length: int = 512,
            system_prompt: str | None = None, load_rejects: str | None = None) -> Curated:
     """Curate `records_path` (load's records.jsonl); `tokenizer` (the base model's folder) enables token counts;
@@ -142,6 +143,3 @@ def curate(records_path: str, cfg: CurateConfig, out_dir: Path, tokenizer: str |
                     Path(load_rejects) if load_rejects else None)
     return cached("curate", key, out_dir, lambda d: _curate(records_path, cfg, d, tokenizer, max_length,
                                                             system_prompt, load_rejects))
-
-
-curate_task = stage_task(curate, "curate")

@@ -17,7 +17,7 @@ from pathlib import Path
 from sftflow.configs.schema import DecontamConfig, EvalConfig
 from sftflow.errors import UserError
 from sftflow.tasks.data.dedup.minhash import words
-from sftflow.tasks.evaluation.mirrors import BENCHMARKS, check
+from sftflow.tasks.evaluation.catalog import BENCHMARKS, check
 
 
 def targets(eval_cfg: EvalConfig) -> dict[str, list[str] | str]:

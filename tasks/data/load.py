@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftflow import cache
+from sftflow.cache import cached
 from sftflow.configs.schema import CurateConfig, DataConfig, Source
 from sftflow.records import ROLES, record_id, reject, write_jsonl
 from sftflow.results import Loaded
-from sftflow.stagecache import cached
 from sftflow.tasks.data.readers import DEFAULT_MAX_BYTES, Bad, DataError, read_rows
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage
 
 __all__ = ["DataError", "FORMATS", "load", "load_source", "normalise", "source_files"]
 
@@ -246,6 +246,7 @@ def load_source(source: Source, root: Path, seed: int = 0, on_bad_record: str = 
     return records, rejects, available
 
 
+@stage("load")
 def load(cfg: DataConfig, out_dir: Path, policy: CurateConfig | None = None) -> Loaded:
     """Load every source; write records.jsonl and load_rejects.jsonl; return paths and counts.
 
@@ -292,6 +293,3 @@ def reason_counts(rejects: list[dict]) -> dict[str, int]:
         kind = r["reason"].split(":", 1)[0]
         out[kind] = out.get(kind, 0) + 1
     return dict(sorted(out.items()))
-
-
-load_task = stage_task(load, "load")

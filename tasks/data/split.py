@@ -18,14 +18,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from sftflow import cache
+from sftflow.cache import cached
 from sftflow.configs.schema import SplitConfig
 from sftflow.records import read_jsonl, reject, write_jsonl
 from sftflow.results import Splits
-from sftflow.stagecache import cached
 from sftflow.tasks.data import decontam
 from sftflow.tasks.data.ledger import account, dominant_lines, markdown
 from sftflow.tasks.data.load import DataError
-from sftflow.tracking import stage_task, unique_race_retry
+from sftflow.tracking import stage, unique_race_retry
 
 SPLITS = ("train", "val", "test")
 
@@ -168,6 +168,7 @@ def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, b
                                                 "decontam_rejects.jsonl")]}
 
 
+@stage("split")
 def split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict | None = None,
           benchmarks: dict | None = None, benchmark_root: str | None = None) -> Splits:
     """Split curate's records; `upstream` = {"load": ..., "curate": ...} counts for the ledger and report;
@@ -181,6 +182,3 @@ def split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict | N
     result = cached("split", key, out_dir, lambda d: _split(records_path, cfg, d, upstream, benchmarks, root))
     log_datasets({n: Path(p) for n, p in result["paths"].items()})
     return result
-
-
-split_task = stage_task(split, "split")

@@ -19,7 +19,7 @@ from sftflow.results import Benchmarks, ModelRef
 from sftflow.tasks.evaluation.forgetting import forgetting_metrics, forgetting_rows, to_markdown
 from sftflow.tasks.evaluation.lmeval import lm_eval_version, model_items
 from sftflow.tasks.evaluation.mirror import sweep_tasks
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage
 
 
 def aggregate(items: list[dict], tag: str) -> dict[str, float]:
@@ -55,6 +55,7 @@ def sweep_models(model: str, base: str, offline: bool, baseline: bool) -> dict[s
             "model": {**spec, "tokenizer": ref.path}}
 
 
+@stage("benchmarks")
 def benchmarks(models: dict[str, ModelRef], cfg: EvalConfig, out_dir: Path,
                trust_remote_code: bool = False) -> Benchmarks:
     """models: {"base": {"path", "digest"?}, "ft": {"path", "adapter"?}, ...}: any number, any names.
@@ -88,6 +89,3 @@ def benchmarks(models: dict[str, ModelRef], cfg: EvalConfig, out_dir: Path,
     return {"metrics": metrics, "forgetting": rows, "artifacts": [out_dir / "benchmarks.json", *artifacts],
             "params": {"eval.benchmarks": ",".join(sorted({t.benchmark for t in tasks})),
                        "eval.lm_eval_version": lm_eval_version(), **precision.eval_params()}}
-
-
-benchmarks_task = stage_task(benchmarks, "benchmarks")

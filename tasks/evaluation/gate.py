@@ -13,7 +13,7 @@ from pathlib import Path
 from sftflow import metrics as names
 from sftflow.configs.schema import GateConfig
 from sftflow.results import Verdict
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage
 
 
 def _power(check: dict, metrics: dict, ci_low: float | None, mde_key: str, kind: str) -> dict:
@@ -82,6 +82,7 @@ def _tag_runs(passed: bool) -> None:
         mlflow.MlflowClient().set_tag(parent, "sftflow.gate", value)
 
 
+@stage("gate")
 def gate(metric_sets: list[dict], cfg: GateConfig, out_dir: Path) -> Verdict:
     result = verdict({k: v for m in metric_sets for k, v in m.items()}, cfg)
     (out_dir / "gate.json").write_text(json.dumps(result, indent=2))
@@ -90,6 +91,3 @@ def gate(metric_sets: list[dict], cfg: GateConfig, out_dir: Path) -> Verdict:
             "params": {"gate.verdict": "passed" if result["passed"] else "failed",
                        "gate.reasons": " | ".join(result["reasons"])},
             "artifacts": [out_dir / "gate.json"]}
-
-
-gate_task = stage_task(gate, "gate")

@@ -16,15 +16,15 @@ import numpy as np
 
 from sftflow import cache, precision, stats
 from sftflow import metrics as names
+from sftflow.cache import cached
 from sftflow.configs.schema import HeldoutConfig
 from sftflow.models import load_causal_lm, load_tokenizer, tokenizer_digest
 from sftflow.records import prompt_messages, read_jsonl, reference, write_jsonl
 from sftflow.results import Heldout, ModelRef
-from sftflow.stagecache import cached
 from sftflow.tasks.data.readers import DataError
-from sftflow.tasks.evaluation.prefix_cache import generate_after_prefix, prefix_groups
+from sftflow.tasks.evaluation.shared_prefix import generate_after_prefix, prefix_groups
 from sftflow.tasks.training.template import render, with_system
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage
 
 STAGE = "heldout"
 
@@ -35,7 +35,7 @@ def normalise_label(text: str) -> str:
 
 def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy completions in input order. The opening prompts share (system prompt, a source's task definition) is
-    computed once per group of prompts (prefix_cache.py); batches of similar length."""
+    computed once per group of prompts (shared_prefix.py); batches of similar length."""
     prompts = [tok(render(tok, msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
                for msgs in conversations]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -103,6 +103,7 @@ def result_key(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, 
                      tokenizers, cfg, settings, precision.inference(), libs)
 
 
+@stage(STAGE)
 def heldout(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out_dir: Path,
             system_prompt: str | None = None, trust_remote_code: bool = False, bootstrap_iters: int = 2000,
             seed: int = 0, chat_tokenizer: str | None = None) -> Heldout:
@@ -169,6 +170,3 @@ def _evaluate(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, o
     (out_dir / "heldout.json").write_text(json.dumps({"metrics": metrics, "confusion": confusion}, indent=2))
     return {"metrics": metrics, "confusion": confusion,
             "artifacts": [out_dir / "predictions.jsonl", out_dir / "heldout.json", out_dir / "examples.md"]}
-
-
-heldout_task = stage_task(heldout, STAGE)

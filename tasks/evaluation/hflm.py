@@ -1,5 +1,5 @@
 """lm-eval's HF model, generating greedily with a prompt prefix shared by several items computed once
-(prefix_cache.py): a BBH subtask's description and few-shot examples are most of each of its prompts."""
+(shared_prefix.py): a BBH subtask's description and few-shot examples are most of each of its prompts."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from sftflow.tasks.evaluation.prefix_cache import generate_after_prefix, prefix_groups
+from sftflow.tasks.evaluation.shared_prefix import generate_after_prefix, prefix_groups
 
 
 class SharedPrefixHFLM(HFLM):
-    """Greedy generation for prompts sharing a long prefix goes through prefix_cache; the rest through lm-eval's own
+    """Greedy generation for prompts sharing a long prefix goes through shared_prefix; the rest through lm-eval's own
     path: sampling, prompts it would truncate, prompts that share nothing long."""
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

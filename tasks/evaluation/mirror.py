@@ -2,7 +2,7 @@
 
 Each mirror task YAML `include`s lm-eval's own stock YAML (mmlu/default, bbh/fewshot) and overrides only where
 the rows come from, so prompts, choices, few-shot examples and metrics are lm-eval's; the benchmark's registry
-entry (mirrors.py) says where the originals are, how rows are read and what scoring is added. Test rows are a
+entry (catalog.py) says where the originals are, how rows are read and what scoring is added. Test rows are a
 seeded per-subtask sample; few-shot sources are copied whole.
 """
 
@@ -18,7 +18,7 @@ import yaml
 from sftflow import cache, stats
 from sftflow.configs.schema import BenchmarkConfig, EvalConfig
 from sftflow.records import write_jsonl
-from sftflow.tasks.evaluation.mirrors import BENCHMARKS, check, stock_tasks_dir, unknown_subtasks
+from sftflow.tasks.evaluation.catalog import BENCHMARKS, check, stock_tasks_dir, unknown_subtasks
 
 log = logging.getLogger("sftflow.eval")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sftflow import metrics as names
 from sftflow.results import Report, Verdict
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage
 
 HELDOUT = ("exact_match", "label_acc", "macro_f1")
 
@@ -67,6 +67,7 @@ def to_markdown(rows: list[dict], verdict: dict | None = None, footer: str = "")
     return "\n".join(lines)
 
 
+@stage("report")
 def report(stage_metrics: list[dict], forgetting: list[dict], out_dir: Path, verdict: Verdict | None = None) -> Report:
     merged = {k: v for m in stage_metrics for k, v in m.items()}
     if verdict is not None:  # the gate stage's result also carries its MLflow bookkeeping
@@ -77,6 +78,3 @@ def report(stage_metrics: list[dict], forgetting: list[dict], out_dir: Path, ver
     (out_dir / "summary.md").write_text("# sftflow summary\n\n" + markdown + "\n")
     return {"rows": rows, "markdown": markdown, "timing": timing(merged), "metrics": {},
             "artifacts": [out_dir / "summary.json", out_dir / "summary.md"]}
-
-
-report_task = stage_task(report, "report")

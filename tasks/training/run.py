@@ -21,13 +21,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 from sftflow import cache, hooks
+from sftflow.cache import load_result, save_result
 from sftflow.configs.training import TrainConfig
 from sftflow.models import MANIFEST
 from sftflow.results import Trained
-from sftflow.stagecache import load_result, save_result
 from sftflow.tasks.training.checkpoints import RUN_INFO, last_checkpoint, step_of
 from sftflow.tasks.training.launch import RESULT, SPEC, WorkerDied, launch
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage
 
 STAGE = "train"
 log = logging.getLogger("sftflow.train")
@@ -91,6 +91,12 @@ def _train_and_publish(job: dict, cfg: TrainConfig, key: str) -> Path:
     return cache.entry(STAGE, key)
 
 
+def _retry_if_worker_died(task, task_run, state) -> bool:
+    """Retry a killed/crashed worker (it resumes); a deterministic error would only fail again."""
+    return isinstance(state.result(raise_on_failure=False), WorkerDied)
+
+
+@stage(STAGE, retries=2, retry_condition_fn=_retry_if_worker_died)
 def run_training(token_paths: dict, model_path: str, cfg: TrainConfig, out_dir: Path,
                  trust_remote_code: bool = False) -> Trained:
     """Train (or resume, or reuse an identical finished training) and put its outputs in out_dir."""
@@ -117,11 +123,3 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:  # another filesystem, or dst exists
         shutil.copy2(src, dst)
-
-
-def _retry_if_worker_died(task, task_run, state) -> bool:
-    """Retry a killed/crashed worker (it resumes); a deterministic error would only fail again."""
-    return isinstance(state.result(raise_on_failure=False), WorkerDied)
-
-
-train_task = stage_task(run_training, STAGE, retries=2, retry_condition_fn=_retry_if_worker_died)

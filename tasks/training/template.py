@@ -30,7 +30,7 @@ from sftflow.errors import UserError
 from sftflow.models import load_tokenizer
 from sftflow.records import read_jsonl, reject, write_jsonl
 from sftflow.results import Tokens
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -159,6 +159,7 @@ def check_audit(m: dict, where: str) -> None:
                             f"would never learn to stop. {hint}")
 
 
+@stage("template")
 def template(split_paths: dict, model_path: str, cfg: TemplateConfig, out_dir: Path,
              trust_remote_code: bool = False) -> Tokens:
     tok = apply_template(load_tokenizer(model_path, trust_remote_code), cfg, model_path)
@@ -204,6 +205,3 @@ def template(split_paths: dict, model_path: str, cfg: TemplateConfig, out_dir: P
     params = {f"template.{k}": v for k, v in info.items() if k != "system_prompt"}
     return {"paths": paths, "metrics": metrics, "params": params,
             "artifacts": [out_dir / "masked_samples.md", out_dir / "template.json", out_dir / "template_rejects.jsonl"]}
-
-
-template_task = stage_task(template, "template")

@@ -81,7 +81,7 @@ def register_candidate(name: str, parent_run_id: str, verdict: dict, fingerprint
     summary: {measure: delta} of the run's evaluation, stored as a tag for the registry UI.
     promote: False leaves a passing version as challenger, for a human to promote (a sweep's best trial).
     """
-    from sftflow.ops.packaging import log_train_model
+    from sftflow.release.packaging import log_train_model
 
     client = client or MlflowClient()
     parent, train = _train_run(client, parent_run_id)

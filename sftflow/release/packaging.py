@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from sftflow.errors import UserError
-from sftflow.ops.fence import PICKLE_SUFFIXES
+from sftflow.stack.fence import PICKLE_SUFFIXES
 from sftflow.tracking import EXPERIMENT_KIND
 
 TASK = "llm/v1/chat"  # OpenAI-style chat requests; MLflow applies the tokenizer's chat template

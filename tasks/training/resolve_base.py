@@ -7,13 +7,11 @@ from pathlib import Path
 from sftflow.configs.schema import ModelConfig
 from sftflow.models import resolve
 from sftflow.results import Base
-from sftflow.tracking import stage_task
+from sftflow.tracking import stage
 
 
+@stage("model")
 def resolve_model(cfg: ModelConfig, offline: bool, out_dir: Path) -> Base:
     model = resolve(cfg.base, offline)
     return {"path": model.path, "digest": model.digest,
             "params": {"model.path": model.path, "model.digest": model.digest, "model.source": model.source}}
-
-
-model_task = stage_task(resolve_model, "model")

@@ -1,4 +1,4 @@
-"""Serving a registered version: `mlflow models serve` on 127.0.0.1, and a chat client for it.
+"""Serving a registered version (`sftflow serve`): `mlflow models serve` on 127.0.0.1, and a chat client for it.
 
 The server is MLflow's own scoring server (`/ping`, `/invocations`); a model logged with the `llm/v1/chat`
 task takes OpenAI-style `{"messages": [...], "max_tokens": N}` and answers with `choices[0].message`.
@@ -18,15 +18,15 @@ from pathlib import Path
 import httpx
 
 from sftflow.errors import UserError
-from sftflow.ops.servers import HOST, free_port
+from sftflow.stack.servers import HOST, free_port
 
 
 class ServeError(UserError, RuntimeError):
     pass
 
 
-def champion_uri(name: str) -> str:
-    return f"models:/{name}@champion"
+def model_uri(name: str, alias: str = "champion") -> str:
+    return f"models:/{name}@{alias}"
 
 
 def serve_command(model_uri: str, port: int) -> list[str]:

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from sftflow.errors import UserError
-from sftflow.ops.fence import Fence
+from sftflow.stack.fence import Fence
 
 DEFINITIONS = Path("deployments/deployments.yaml")
 
@@ -42,23 +42,19 @@ def allowed(spec: DeploymentSpec, config_file: str | None) -> Fence:
     return spec.allow.model_copy(update={"roots": [*spec.allow.roots, *extra]})
 
 
-def apply(specs: dict[str, DeploymentSpec], pool: str, config_file: str | None = None, cron: str | None = None,
-          image: str | None = None) -> dict[str, str]:
+def apply(specs: dict[str, DeploymentSpec], flows: dict, pool: str, config_file: str | None = None,
+          cron: str | None = None, image: str | None = None) -> dict[str, str]:
     """Create/update each deployment on `pool`; returns {"flow/deployment": id}.
 
-    config_file replaces every deployment's default config; cron replaces every schedule; image is for
-    container pools (Kubernetes), whose pods must have sftflow installed.
+    flows maps a spec's `flow` name to the flow object; the caller passes them, because the flows sit above
+    this package. config_file replaces every deployment's default config; cron replaces every schedule; image is
+    for container pools (Kubernetes), whose pods must have sftflow installed.
     """
     from prefect import deploy, get_client
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
 
-    from sftflow.flows.monitor import monitor
-    from sftflow.flows.retrain import retrain
-    from sftflow.flows.sweep import sweep
-
-    flows = {f.name: f for f in (retrain, monitor, sweep)}
     with get_client(sync_client=True) as client:
         pool_type = client.read_work_pool(pool).type
     # A process worker runs flows in the project directory, so relative configs and data paths resolve.

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from sftflow.ops import terminal
-from sftflow.ops.terminal import RunOutput, console
+from sftflow.cli import terminal
+from sftflow.cli.terminal import RunOutput, console
 
 
 def sweep(config: Annotated[Path, typer.Argument(help="pipeline config YAML, e.g. configs/demo.yaml")],
@@ -24,11 +24,11 @@ def sweep(config: Annotated[Path, typer.Argument(help="pipeline config YAML, e.g
     resume a killed sweep (finished trials are kept)."""
     terminal.quiet_prefect()
     from sftflow.configs.loader import load_config
-    from sftflow.ops import servers
-    from sftflow.ops.sweep_space import load_spec
+    from sftflow.stack import servers
+    from sftflow.sweeps.space import every_trial, load_spec
 
     spec = load_spec(space, n_trials)  # both files validated before any work starts
-    cfg = load_config(config, [*(set_ or []), *spec.overrides])
+    cfg = load_config(config, every_trial(spec, set_ or []))
     servers.use()
     from sftflow import env
 

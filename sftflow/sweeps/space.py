@@ -7,7 +7,7 @@ params:                  # dotted config keys, as `--set` takes them
   train.lora.r: [4, 16]                                   # a list: grid values (categorical for tpe/random)
   train.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}
   train.max_steps: {type: int, low: 4, high: 12, step: 4}
-overrides: [eval.mmlu.limit=10]   # applied to every trial, before its own values
+overrides: [eval.mmlu.limit=10]   # every trial, before `--set` and its own values
 concurrency: 1                    # trials at once (threads of this process); default 1
 pruner: median   # on validation loss: median (default for tpe/random) | none (default for grid) |
                  # {type: median, n_startup_trials: 5, n_warmup_steps: 0} | {type: threshold, max_val_loss: 4.0}
@@ -202,6 +202,12 @@ def pruner(spec: SweepSpec):
     if isinstance(p, ThresholdPruner):
         return optuna.pruners.ThresholdPruner(lower=-p.max_val_loss, n_warmup_steps=p.n_warmup_steps)
     return optuna.pruners.NopPruner()
+
+
+def every_trial(spec: SweepSpec, overrides: list[str]) -> list[str]:
+    """What every trial sets before its own values: the space file's overrides, then the caller's (`--set`, the
+    deployment form's), so the caller's win on a shared key."""
+    return [*spec.overrides, *overrides]
 
 
 def overrides(params: dict) -> list[str]:

@@ -4,7 +4,7 @@ Few-shot prompts (BBH: a subtask's description and 3 examples, 53% of its prompt
 held-out prompts (the system prompt and a source's task definition, about half of a review prompt) repeat the same
 opening for every item. Its keys and values are computed once per group of prompts; each batch of the group
 continues from a copy of them, the rest of each prompt left-padded after the prefix. Greedy outputs are those of
-generating from the whole prompts (tests/test_prefix_cache.py).
+generating from the whole prompts (tests/test_shared_prefix.py).
 """
 
 from __future__ import annotations

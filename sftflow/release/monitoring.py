@@ -16,7 +16,7 @@ import numpy as np
 from sftflow import stats
 from sftflow.configs.schema import PipelineConfig
 from sftflow.errors import UserError
-from sftflow.ops import registry
+from sftflow.release import registry
 from sftflow.records import prompt_messages, reference, write_jsonl
 
 MONITOR_TAG = "sftflow.monitor"

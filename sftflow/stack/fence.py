@@ -113,9 +113,3 @@ def refuse(deployment: str, problems: list[str]) -> None:
         raise FenceError(f"refused: a run of deployment {deployment!r} may not do this:\n  " + "\n  ".join(problems) +
                          "\nOnly the deployment's own `allow:` section (deployments/deployments.yaml: roots, "
                          "trust_remote_code, pickle_weights; applied with `sftflow deploy`) can permit it.")
-
-
-def enforce(cfg) -> None:
-    """Refuse a deployment run whose config asks for more than its deployment allows; a no-op otherwise."""
-    if found := deployment_fence():
-        refuse(found[0], violations(cfg, found[1]))

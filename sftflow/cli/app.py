@@ -13,11 +13,11 @@ from typer.core import TyperGroup
 
 from sftflow import errors
 from sftflow import metrics as names
-from sftflow.ops.cli_ops import ops
-from sftflow.ops.monitor_cli import monitor as monitor_command
-from sftflow.ops import terminal
-from sftflow.ops.sweep_cli import sweep as sweep_command
-from sftflow.ops.terminal import RunOutput, console, err_console
+from sftflow.cli.operations import ops
+from sftflow.cli.monitor_command import monitor as monitor_command
+from sftflow.cli import terminal
+from sftflow.cli.sweep_command import sweep as sweep_command
+from sftflow.cli.terminal import RunOutput, console, err_console
 
 
 class UserErrorsHandled(TyperGroup):
@@ -93,7 +93,7 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     from sftflow import env
 
     cfg = _load(config, set_)
-    from sftflow.ops import servers
+    from sftflow.stack import servers
 
     record = servers.use()  # after `sftflow up`, runs show in its Prefect and MLflow UIs
     state = env.configure(cfg.offline)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sftflow.ops.terminal import console
+from sftflow.cli.terminal import console
 
 
 def monitor(config: Annotated[Path, typer.Argument(help="pipeline config YAML whose champion (`name`) is monitored")],
@@ -17,7 +17,7 @@ def monitor(config: Annotated[Path, typer.Argument(help="pipeline config YAML wh
     """Score the champion on new labelled data against its own held-out score; on a drop beyond
     `monitor.margin` start the retrain deployment with the data as a new source (exit 1 on a drop)."""
     from sftflow.configs.loader import load_config
-    from sftflow.ops import servers
+    from sftflow.stack import servers
 
     cfg = load_config(config, set_ or [])  # validated before any work starts
     servers.use()  # after `sftflow up`: its Prefect (where the retrain deployment lives) and MLflow

@@ -1,6 +1,6 @@
 """Generation with a shared prompt prefix computed once gives the greedy outputs of generating from whole prompts."""
 
-from sftflow.tasks.evaluation.prefix_cache import prefix_groups
+from sftflow.tasks.evaluation.shared_prefix import prefix_groups
 
 
 def test_prompts_are_grouped_by_the_prefix_they_share():

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from sftflow import cache
-from sftflow.ops.sweep_pareto import UNMEASURED
-from sftflow.ops.sweep_space import SweepSpec, pruner, sampler
+from sftflow.sweeps.pareto import UNMEASURED
+from sftflow.sweeps.space import SweepSpec, pruner, sampler
 from sftflow.tracking import finite_metrics, host, open_experiment, owner_gone
 
 STORAGE_FILE = "optuna.db"

@@ -1,5 +1,5 @@
 """The operations commands of `sftflow`: servers (up, down, status), deployments, the model registry
-(promote, rollback), run comparison and screenshots. Registered on the app in cli.py."""
+(promote, rollback), run comparison and screenshots. Registered on the app in app.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from sftflow import errors
-from sftflow.ops.terminal import console
+from sftflow.cli.terminal import console
 
 ops = typer.Typer()
 
@@ -20,7 +20,7 @@ PortOpt = Annotated[int, typer.Option(help="0: pick a free port")]
 def _connect() -> dict | None:
     """Use the servers `sftflow up` started, if they run; then the state dir and offline mode."""
     from sftflow import env
-    from sftflow.ops import servers
+    from sftflow.stack import servers
 
     record = servers.use()
     env.configure(offline=True)
@@ -35,7 +35,7 @@ def up(prefect_port: PortOpt = 0, mlflow_port: PortOpt = 0,
        artifact_root: Annotated[Optional[str], typer.Option(
            help="MLflow artifact root (default: <state>/mlartifacts), e.g. s3://bucket/path")] = None) -> None:
     """Start a Prefect server, an MLflow tracking server and a Prefect worker (127.0.0.1); wait until healthy."""
-    from sftflow.ops import servers
+    from sftflow.stack import servers
 
     record = servers.up(prefect_port, mlflow_port, pool, backend_store_uri, artifact_root)
     _print_status(record)
@@ -60,7 +60,7 @@ def _print_status(record: dict | None) -> None:
 @ops.command()
 def down() -> None:
     """Stop exactly what `sftflow up` started (with its child processes)."""
-    from sftflow.ops import servers
+    from sftflow.stack import servers
 
     stopped = servers.down()
     console.print(f"stopped {len(stopped)} processes" if stopped else "nothing to stop")
@@ -69,12 +69,21 @@ def down() -> None:
 @ops.command()
 def status() -> None:
     """Show what `sftflow up` started, whether each process runs and answers."""
-    from sftflow.ops import servers
+    from sftflow.stack import servers
 
     record = servers.status()
     _print_status(record)
     if record and not all(e["healthy"] for e in record["services"].values()):
         raise typer.Exit(1)
+
+
+def deployable_flows() -> dict:
+    """The flows a deployment definition may name, by flow name."""
+    from sftflow.flows.monitor import monitor
+    from sftflow.flows.retrain import retrain
+    from sftflow.flows.sweep import sweep
+
+    return {f.name: f for f in (retrain, monitor, sweep)}
 
 
 @ops.command()
@@ -83,13 +92,15 @@ def deploy(file: Annotated[Path, typer.Option(help="deployment definitions")] = 
            config: Annotated[Optional[str], typer.Option(help="default config file of every deployment")] = None,
            cron: Annotated[Optional[str], typer.Option(help="replace the scheduled deployments' cron")] = None,
            image: Annotated[Optional[str], typer.Option(help="container image (Kubernetes pools)")] = None) -> None:
-    """Create or update the Prefect deployments (ad-hoc and nightly retraining) on the running server."""
+    """Create or update the Prefect deployments (ad-hoc and nightly retraining, monitoring, sweep) on the running
+    server."""
     record = _connect()
-    from sftflow.ops.deploy import apply, load_specs
+    from sftflow.stack.deployments import apply, load_specs
 
     if record is None and pool is None:
         raise errors.UserError("no servers running: `sftflow up` first, or set PREFECT_API_URL and --pool")
-    for name, dep_id in apply(load_specs(file), pool or record["pool"], config, cron, image).items():
+    for name, dep_id in apply(load_specs(file), deployable_flows(), pool or record["pool"], config, cron,
+                              image).items():
         console.print(f"deployment {name}: {dep_id}")
     if record:
         console.print(f"Prefect UI: {record['prefect_url']}/deployments")
@@ -108,7 +119,7 @@ def promote(name: ModelName,
             version: Annotated[Optional[str], typer.Argument(help="version (default: the challenger)")] = None) -> None:
     """Point the `champion` alias at a version (a human override of the promotion gate)."""
     _connect()
-    from sftflow.ops import registry
+    from sftflow.release import registry
 
     _print_version(registry.promote(name, version), "promoted")
 
@@ -117,9 +128,31 @@ def promote(name: ModelName,
 def rollback(name: ModelName) -> None:
     """Move `champion` back to the version it replaced."""
     _connect()
-    from sftflow.ops import registry
+    from sftflow.release import registry
 
     _print_version(registry.rollback(name), "rolled back")
+
+
+@ops.command()
+def serve(name: ModelName, alias: Annotated[str, typer.Option(help="registry alias to serve")] = "champion",
+          port: PortOpt = 0) -> None:
+    """Serve a registered version with `mlflow models serve` on 127.0.0.1 until Ctrl-C: OpenAI-style chat
+    requests at /invocations."""
+    _connect()
+    import contextlib
+    import time
+
+    from sftflow import env
+    from sftflow.release import serving
+
+    log = env.state_dir() / "servers" / f"serve-{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    uri = serving.model_uri(name, alias)
+    # Ctrl-C while starting stops as cleanly as once serving: served() ends the server either way.
+    with contextlib.suppress(KeyboardInterrupt), serving.served(uri, log, port or None) as url:
+        console.print(f"serving {uri} at {url}/invocations (log: {log}); Ctrl-C stops it")
+        while True:
+            time.sleep(3600)
 
 
 RefsArg = Annotated[list[str], typer.Argument(help="MLflow run ids, sweeps (run id or name: their trials) and/or "
@@ -134,7 +167,7 @@ def compare(refs: RefsArg,
     import time
 
     from sftflow import env
-    from sftflow.ops import compare as cmp
+    from sftflow.review import compare as cmp
 
     _connect()
     runs = cmp.views(refs)
@@ -159,7 +192,7 @@ def screenshots(refs: Annotated[Optional[list[str]], typer.Argument(
     record = _connect()
     if record is None:
         raise errors.UserError("no servers running: `sftflow up` first")
-    from sftflow.ops.shots import take
+    from sftflow.review.screenshots import take
 
     for path in take(record, refs or [], flow_run, out):
         console.print(f"wrote {path}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sftflow import links
 from sftflow.errors import UserError
-from sftflow.ops import browser, compare
+from sftflow.review import browser, compare
 
 
 class ShotError(UserError, RuntimeError):

@@ -1,0 +1,1 @@
+"""The `sftflow` command line and the terminal it prints to. The top layer: nothing else imports it."""
