@@ -24,6 +24,7 @@ def monitor(config: Annotated[Path, typer.Argument(help="pipeline config YAML wh
     from sftflow import env
 
     env.configure(cfg.offline)
+    env.start_local_prefect()
     from sftflow.flows.monitor import monitor as monitor_flow
 
     result = monitor_flow(config_file=str(config), data=str(data), overrides=set_ or [])

@@ -130,8 +130,14 @@ class RunOutput:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> RunOutput:
-        if VERBOSE:
-            return self
+        from sftflow import env
+
+        if not VERBOSE:
+            self._quiet()
+        env.start_local_prefect()  # runs starting at once on one state dir start their Prefect servers in turn
+        return self
+
+    def _quiet(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self._stack.enter_context(self.log_path.open("a", encoding="utf-8", buffering=1))
         lines = StageLines(_console_for(sys.stdout))  # the terminal, before stdout is redirected
@@ -152,7 +158,6 @@ class RunOutput:
         self._stack.enter_context(contextlib.redirect_stdout(stream))  # prints, Trainer dicts
         # progress bars (tqdm writes to sys.stderr) and Python warnings (library deprecations)
         self._stack.enter_context(contextlib.redirect_stderr(stream))
-        return self
 
     def _add(self, logger: logging.Logger, handler: logging.Handler) -> None:
         logger.addHandler(handler)
