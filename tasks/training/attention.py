@@ -104,9 +104,10 @@ def _row_bounds(query, key, attention_mask, cu_seq_lens, position_ids):
     if attention_mask is not None:
         return None
     n = query.shape[2]
-    if position_ids is None:
+    positions = position_ids.reshape(-1) if position_ids is not None else None
+    if positions is None or positions.numel() != n:
         return torch.tensor([0, n], device=query.device)
-    restarts = (position_ids[0, 1:] - position_ids[0, :-1] != 1).nonzero().flatten() + 1
+    restarts = (positions[1:] - positions[:-1] != 1).nonzero().flatten() + 1
     return torch.cat([restarts.new_zeros(1), restarts, restarts.new_tensor([n])])
 
 
