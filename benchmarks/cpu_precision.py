@@ -21,13 +21,10 @@ ARMS = {"fp32": "0", "bf16": "1"}  # SFTFLOW_CPU_BF16 for the evaluation arms (t
 
 def use_cpu_bf16(value: str | None) -> None:
     """This process's CPU taken as one with (1) or without (0) bf16 instructions; None: as the hardware says."""
-    from sftflow import precision
-
     if value is None:
         os.environ.pop("SFTFLOW_CPU_BF16", None)
     else:
         os.environ["SFTFLOW_CPU_BF16"] = value
-    precision._this_cpu.cache_clear()
 
 
 def train_rate(paths: dict, model: str, cfg, prec: str, steps: int, out) -> float:

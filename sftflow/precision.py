@@ -136,13 +136,17 @@ def _cuda_card(index: int) -> Card:
     return Card(capability, native, torch.cuda.get_device_name(index))
 
 
-@lru_cache(maxsize=1)
 def _this_cpu() -> Card:
-    import torch
-
-    forced = os.environ.get("SFTFLOW_CPU_BF16", "auto")
+    forced = os.environ.get("SFTFLOW_CPU_BF16", "auto")  # read at each call: a test or benchmark may change it
     if forced in ("0", "1"):  # 0: fp32 on any CPU; 1: bf16 on any CPU (slow without the instructions, but right)
         return Card(None, forced == "1", "cpu", forced_by=f"SFTFLOW_CPU_BF16={forced}")
+    return _cpu_from_flags()
+
+
+@lru_cache(maxsize=1)
+def _cpu_from_flags() -> Card:
+    import torch
+
     if hasattr(torch.cpu, "get_capabilities"):
         caps = torch.cpu.get_capabilities()
         return cpu_card(caps, str(caps.get("cpu_name") or "cpu"))

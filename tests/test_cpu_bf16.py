@@ -17,9 +17,6 @@ from sftflow.tasks.training.trainer import build_trainer
 def bf16_cpu(monkeypatch):
     """This CPU taken as one with bf16 instructions: `auto` means bf16 for training and evaluation."""
     monkeypatch.setenv("SFTFLOW_CPU_BF16", "1")
-    precision._this_cpu.cache_clear()
-    yield
-    precision._this_cpu.cache_clear()
 
 
 def test_flattened_row_attention_under_cpu_bf16_autocast_matches_each_record_alone():
@@ -86,3 +83,15 @@ def test_the_lora_merge_evaluation_loads_in_bf16_gives_the_adapters_outputs(tmp_
         a, b, c = (m(input_ids=ids).logits.float() for m in (merged, unmerged, plain))
     assert (a - b).abs().max().item() < 5e-2  # bf16 weights round once merged
     assert (b - c).abs().max().item() > 5 * (a - b).abs().max().item()  # and the adapter changed the outputs
+
+
+def test_a_training_cached_in_one_precision_is_not_reused_in_another(token_paths, tiny_model, monkeypatch):
+    """`auto` resolves per machine: the state dir's cache keys the training by the precision that ran."""
+    from sftflow.tasks.training.run import training_key
+
+    keys = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("SFTFLOW_CPU_BF16", forced)
+        keys[forced] = training_key(token_paths, tiny_model, TrainConfig())
+    assert keys["0"] != keys["1"]
+    assert training_key(token_paths, tiny_model, TrainConfig(precision="fp32")) == keys["0"]  # auto = fp32 there

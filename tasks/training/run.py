@@ -20,7 +20,7 @@ import shutil
 from importlib.metadata import version
 from pathlib import Path
 
-from sftflow import cache, hooks
+from sftflow import cache, hooks, precision
 from sftflow.cache import load_result, save_result
 from sftflow.configs.training import TrainConfig
 from sftflow.models import MANIFEST
@@ -40,9 +40,14 @@ def training_key(token_paths: dict, model_path: str, cfg: TrainConfig) -> str:
     else:
         model_part = f"hub:{model_path}"
     # Knobs that change where/how often it runs but not what it learns stay out of the key.
-    result_cfg = cfg.model_dump(mode="json", exclude={"checkpoint": {"keep"}, "launcher": {"kind", "config_file"}})
+    result_cfg = cfg.model_dump(mode="json", exclude={"checkpoint": {"keep"}, "launcher": {"kind", "config_file"},
+                                                      "precision": True})
     libs = {lib: version(lib) for lib in ("torch", "transformers", "trl", "peft", "accelerate")}
-    return cache.key("train-v1", Path(token_paths["train"]), Path(token_paths["val"]), model_part, result_cfg, libs)
+    # `auto` resolves per machine (bf16 on some CPUs, fp32 on others): the precision that trains is what counts,
+    # not the setting that chose it.
+    resolved = {"precision": precision.training(cfg.precision)}
+    return cache.key("train-v1", Path(token_paths["train"]), Path(token_paths["val"]), model_part, result_cfg,
+                     resolved, libs)
 
 
 @contextlib.contextmanager
