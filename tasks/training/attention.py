@@ -58,6 +58,8 @@ def fused(device, dtype) -> bool:
     CUDA 8.0+, half precision)."""
     import torch
 
+    if device.type != "cuda":  # asked in every layer's forward: no card to look up on a CPU
+        return False
     half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     kernel = prec.attention_kernel("padding_free", prec.current_card(device), half, flash_installed=False,
                                    torch_varlen_available=_has_torch_varlen())
