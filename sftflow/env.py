@@ -10,6 +10,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from sftflow import prefect_db
+
 # Variables that stop hub look-ups and telemetry (probed on this machine: with them, no outside calls).
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -93,7 +95,8 @@ def start_local_prefect() -> None:
     state dir's Prefect home. A server on a new database migrates it inside one long write transaction (about a
     minute on 2 cores), and another run's server connecting meanwhile fails "database is locked"; so the first run
     to take the lock starts and migrates, and the next starts once that server answers, on a database already
-    migrated. Prefect's own client then reuses this server (one per process)."""
+    migrated. A new database starts as a copy of a migrated template (prefect_db). Prefect's own client then reuses
+    this server (one per process)."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
@@ -104,5 +107,6 @@ def start_local_prefect() -> None:
     home.mkdir(parents=True, exist_ok=True)
     with (home / "server-start.lock").open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # released when the process dies, so a kill never blocks the next run
+        prefect_db.seed(prefect_db.database_path(settings))
         SubprocessASGIServer().start()
 

@@ -16,9 +16,12 @@ os.environ.pop("PREFECT_HOME", None)
 # fp32 on the others. The bf16 paths have tests of their own that ask for bf16 explicitly.
 os.environ["SFTFLOW_CPU_BF16"] = "0"
 
-from sftflow import env  # noqa: E402
+from sftflow import env, prefect_db  # noqa: E402
 
 env.configure(offline=True)
+# Flows called in-process start Prefect's own ephemeral server on the state dir: on a seeded database it skips the
+# migrations.
+prefect_db.seed(Path(os.environ["PREFECT_HOME"]) / "prefect.db")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -105,13 +108,30 @@ def tokens(tmp_path_factory, tiny_model):
     return review_splits(tmp_path_factory.mktemp("tok"), tiny_model, 40, 8, "Review {i}: the film was {word}.")
 
 
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real Prefect server (subprocess) for the session, on a copy of the migrated template database: each
+    server on a fresh database would spend about a minute migrating it. Tests give their flows, pools and
+    deployments names of their own, so they share it safely."""
+    from unittest import mock
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from sftflow import prefect_db
+
+    folder = tmp_path_factory.mktemp("prefect-server")
+    prefect_db.seed(folder / "prefect-test.db")  # the file name the harness uses in its folder
+    with mock.patch("prefect.testing.utilities.mkdtemp", return_value=str(folder)):
+        with prefect_test_harness(server_startup_timeout=None):
+            yield
+
+
 @contextlib.contextmanager
 def deployed(pool: str, extra_specs: dict | None = None):
-    """`sftflow deploy` of deployments/deployments.yaml (plus `extra_specs`) on a real Prefect test server with a
-    process work pool `pool` -> apply()'s result."""
+    """`sftflow deploy` of deployments/deployments.yaml (plus `extra_specs`) on the session's Prefect server with a
+    process work pool `pool` -> apply()'s result. Needs the `prefect_server` fixture."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.testing.utilities import prefect_test_harness
 
     from sftflow.cli.operations import deployable_flows
     from sftflow.stack.deployments import apply, load_specs
@@ -119,11 +139,10 @@ def deployed(pool: str, extra_specs: dict | None = None):
     cwd = os.getcwd()
     os.chdir(REPO)  # allow.roots are relative to where `deploy` runs
     try:
-        with prefect_test_harness(server_startup_timeout=None):
-            with get_client(sync_client=True) as client:
-                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            yield apply({**load_specs(REPO / "deployments/deployments.yaml"), **(extra_specs or {})}, deployable_flows(),
-                        pool)
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        yield apply({**load_specs(REPO / "deployments/deployments.yaml"), **(extra_specs or {})}, deployable_flows(),
+                    pool)
     finally:
         os.chdir(cwd)
 

@@ -41,9 +41,7 @@ def user_chat_file(folder: Path) -> tuple[Path, dict[int, str]]:
 
 
 @pytest.mark.e2e
-def test_user_chat_file_with_broken_lines_runs_through_the_data_stage(tmp_path, data_root):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_user_chat_file_with_broken_lines_runs_through_the_data_stage(tmp_path, data_root, prefect_server):
     data_file, bad = user_chat_file(tmp_path)
     assert data_root not in data_file.parents
     cfg = yaml.safe_load((REPO / "configs/smoke.yaml").read_text())
@@ -51,8 +49,7 @@ def test_user_chat_file_with_broken_lines_runs_through_the_data_stage(tmp_path, 
     cfg["curate"] = {"allowed_labels": ["positive", "negative"]}
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(cfg))
 
-    with prefect_test_harness(server_startup_timeout=None):
-        result = CliRunner().invoke(app, ["curate", str(tmp_path / "mine.yaml")])
+    result = CliRunner().invoke(app, ["curate", str(tmp_path / "mine.yaml")])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "400 records in" in text and "invalid JSON" in text

@@ -26,11 +26,8 @@ def test_model_list_names_the_registry():
 
 
 @pytest.mark.e2e
-def test_curate_runs_only_the_data_stage_and_prints_the_report(data_root):
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=None):
-        result = runner.invoke(app, ["curate", "configs/smoke.yaml", "--set", f"data.root={data_root}"])
+def test_curate_runs_only_the_data_stage_and_prints_the_report(data_root, prefect_server):
+    result = runner.invoke(app, ["curate", "configs/smoke.yaml", "--set", f"data.root={data_root}"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # the report is wrapped to the terminal width
     assert "80 records in" in text and "Decontamination" in text and "/split/train.jsonl" in text

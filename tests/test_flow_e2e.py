@@ -13,15 +13,6 @@ STAGES = {"load", "curate", "split", "model", "template", "train", "heldout", "b
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    """A real Prefect server (subprocess, temporary SQLite), stopped at teardown rather than at exit."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=None):
-        yield
-
-
-@pytest.fixture(scope="module")
 def smoke_run(prefect_server, data_root):
     from sftflow.flows.sft_pipeline import sft_pipeline
 

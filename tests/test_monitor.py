@@ -24,7 +24,7 @@ QUESTIONS = [f"Question {i}: is {i} even? Answer yes or no." for i in range(20)]
 
 
 @pytest.fixture(scope="module")
-def deployments():
+def deployments(prefect_server):
     """`sftflow deploy`'s deployments (retrain adhoc/nightly and monitor) on a real Prefect server."""
     with deployed("monitor-pool") as applied:
         yield applied

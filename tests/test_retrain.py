@@ -56,15 +56,6 @@ def test_the_deployment_form_fields_override_the_config_file(data_root):
     assert cfg.train.method == "full" and cfg.data.sources == [Source(path="gsm8k/*.jsonl", max_records=3)]
 
 
-@pytest.fixture
-def prefect_server():
-    """A real Prefect server (subprocess, temporary SQLite), stopped at teardown rather than at exit."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=None):
-        yield
-
-
 def test_unchanged_data_and_config_finish_up_to_date_without_training(tmp_path, data_root, prefect_server):
     overrides = [f"data.root={data_root}", "name=retrain-unit"]
     cfg = resolve_config(str(REPO / "configs/smoke.yaml"), overrides, None, None, None)

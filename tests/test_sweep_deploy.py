@@ -12,7 +12,7 @@ SMOKE = "configs/smoke.yaml"
 
 
 @pytest.fixture(scope="module")
-def deployments():
+def deployments(prefect_server):
     with deployed("sweep-pool") as applied:
         yield applied
 

@@ -24,14 +24,6 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 CHEAP = '["eval.bbh.subtasks=[navigate]", eval.bbh.limit=1, eval.mmlu.limit=1]'  # fewer items per trial
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=None):
-        yield
-
-
 def nested(sweep_run_id: str) -> list:
     client = MlflowClient()
     exp = client.get_run(sweep_run_id).info.experiment_id

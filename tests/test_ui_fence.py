@@ -26,7 +26,7 @@ SMOKE = "configs/smoke.yaml"
 
 
 @pytest.fixture(scope="module")
-def deployments():
+def deployments(prefect_server):
     """`sftflow deploy`'s deployments (adhoc, nightly as shipped, and one allowing trust_remote_code)."""
     with deployed("fence-pool", {"trusting": DeploymentSpec(allow=Fence(trust_remote_code=True))}) as applied:
         yield applied

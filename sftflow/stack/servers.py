@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from sftflow import env
+from sftflow import env, prefect_db
 from sftflow.errors import UserError
 
 HOST = "127.0.0.1"
@@ -138,6 +138,8 @@ def up(prefect_port: int = 0, mlflow_port: int = 0, pool: str = POOL, backend_st
     state = env.state_dir()
     servers_dir().mkdir(parents=True, exist_ok=True)
     (state / "prefect").mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+        prefect_db.seed(state / "prefect" / "prefect.db")
     prefect_port, mlflow_port = prefect_port or free_port(), mlflow_port or free_port()
     prefect_url, mlflow_url = f"http://{HOST}:{prefect_port}", f"http://{HOST}:{mlflow_port}"
     api_url = f"{prefect_url}/api"
