@@ -134,6 +134,8 @@ class TemplateConfig(Section):
     system_prompt: str | None = None
     max_length: Positive = 512
     audit_samples: Positive = Field(4, description="masked samples rendered into the audit artifact")
+    reasoning: Literal["keep", "strip"] = Field(
+        "keep", description="reasoning_content and think blocks of assistant turns: kept and trained, or stripped")
 
 
 class HeldoutConfig(Section):
