@@ -20,7 +20,7 @@ from sftflow.cache import cached
 from sftflow.configs.schema import CurateConfig, DataConfig, Source
 from sftflow.records import record_id, reject, write_jsonl
 from sftflow.results import Loaded
-from sftflow.tasks.data import shapes
+from sftflow.tasks.data import gsm8k, shapes
 from sftflow.tasks.data.readers import DEFAULT_MAX_BYTES, Bad, DataError, read_rows
 from sftflow.tracking import stage
 
@@ -35,6 +35,7 @@ class BadRow(ValueError):
 class Format:
     detect: Callable[[dict], bool]
     convert: Callable[[dict], tuple[list[dict], object]]  # -> (messages, label)
+    tools: tuple[dict, ...] = ()  # function schemas every record of the format offers
 
 
 def _text(value: object, what: str) -> str:
@@ -109,6 +110,9 @@ FORMATS: dict[str, Format] = {
     "dolly": Format(lambda r: "instruction" in r and "response" in r, _dolly),
     "alpaca": Format(lambda r: "instruction" in r and "output" in r, _alpaca),
     "prompt_completion": Format(lambda r: "prompt" in r and "completion" in r, _prompt_completion),
+    # GSM8K's worked answers, their <<calculations>> as calculator calls.
+    "gsm8k_calculator": Format(lambda r: "question" in r and "<<" in str(r.get("answer", "")),
+                               gsm8k.calculator_conversation, (gsm8k.CALCULATOR,)),
 }
 # Row fields kept in meta (used by the split for stratification and grouping).
 META_FIELDS = ("category", "native_id", "conversation_id", "group")
@@ -230,7 +234,8 @@ def load_source(source: Source, root: Path, seed: int = 0, on_bad_record: str = 
         base = {"id": record_id(name, file, idx), "source": name, "file": file, "index": idx}
         try:
             messages, label, meta = normalise(row, source.format)
-            tools = shapes.tools(row.get("tools"))  # the function schemas offered to the assistant
+            # the function schemas offered to the assistant: the row's own, else its format's
+            tools = shapes.tools(row.get("tools")) or list(FORMATS[meta["format"]].tools)
         except (BadRow, shapes.ShapeError) as exc:
             if on_bad_record == "fail":
                 raise DataError(f"{_where(file, idx)}: {exc} (curate.on_bad_record: fail)") from None

@@ -58,10 +58,14 @@ def shipped_templates() -> dict[str, str]:
 
 
 def load_chat_template(spec: str) -> str:
-    """A shipped template name or a path to a .jinja file -> its text."""
+    """A shipped template name, `trl:<name>` (a template the installed TRL ships) or a .jinja path -> its text."""
     shipped = shipped_templates()
     if spec in shipped:
         return shipped[spec]
+    if spec.startswith("trl:"):
+        path = resources.files("trl").joinpath("chat_templates", spec.removeprefix("trl:") + ".jinja")
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
     path = Path(spec).expanduser()
     if path.is_file():
         return path.read_text().strip()
