@@ -259,7 +259,7 @@ def load(cfg: DataConfig, out_dir: Path, policy: CurateConfig | None = None) -> 
     bad = {"on_bad_record": policy.on_bad_record, "max_record_bytes": policy.max_record_bytes}
     root = Path(cfg.root)
     inputs = [s.hub or [(_relative(f, root), f) for f in source_files(s, root)] for s in cfg.sources]
-    return cached("load", cache.key("load-v2", cfg.model_dump(exclude={"root"}), bad, inputs), out_dir,
+    return cached("load", cache.key("load-v3", cfg.model_dump(exclude={"root"}), bad, inputs), out_dir,
                   lambda d: _load(cfg, d, bad))
 
 
