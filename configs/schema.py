@@ -13,7 +13,8 @@ from sftflow.configs.base import Positive, Ratio, Section
 from sftflow.configs.training import TrainConfig
 from sftflow.env import SHARED_DATA
 
-FORMAT_NAMES = Literal["auto", "messages", "sharegpt", "alpaca", "dolly", "prompt_completion", "superni"]
+FORMAT_NAMES = Literal["auto", "messages", "sharegpt", "alpaca", "dolly", "prompt_completion", "superni",
+                       "gsm8k_calculator"]
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -130,10 +131,13 @@ class ModelConfig(Section):
 
 class TemplateConfig(Section):
     chat_template: str | None = Field(
-        None, description="None: the tokenizer's own; a name in configs/templates/ (chatml, llama3) or a .jinja path")
+        None, description="None: the tokenizer's own; a name in configs/templates/ (chatml, llama3), trl:<name> "
+                          "(a template TRL ships, e.g. trl:qwen3_instruct_2507_training) or a .jinja path")
     system_prompt: str | None = None
     max_length: Positive = 512
     audit_samples: Positive = Field(4, description="masked samples rendered into the audit artifact")
+    reasoning: Literal["keep", "strip"] = Field(
+        "keep", description="reasoning_content and think blocks of assistant turns: kept and trained, or stripped")
 
 
 class HeldoutConfig(Section):
@@ -185,7 +189,7 @@ class EvalConfig(Section):
 class GateConfig(Section):
     """Promotion verdict: the fine-tuned model must gain on its task without forgetting too much."""
 
-    target: Literal["label_acc", "exact_match", "macro_f1"] = "label_acc"
+    target: Literal["label_acc", "exact_match", "macro_f1", "tool_call_acc"] = "label_acc"
     min_gain: float = Field(0.05, description="held-out fine-tuned minus base must be at least this")
     max_forgetting: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
         {"mmlu": 0.05, "bbh": 0.05}, description="per benchmark: the largest drop (base minus fine-tuned) allowed")

@@ -46,7 +46,7 @@ def forgetting(name: str, stat: str, model: str = FT) -> str:
 
 
 def heldout(tag: str, measure: str) -> str:
-    """`heldout/<tag>/<measure>`: exact_match, label_acc, macro_f1 or wall_s of one model."""
+    """`heldout/<tag>/<measure>`: exact_match, label_acc, macro_f1, tool_call_acc or wall_s of one model."""
     return f"heldout/{tag}/{measure}"
 
 

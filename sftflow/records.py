@@ -3,6 +3,8 @@
 A record is a plain dict:
     {"id": str, "messages": [{"role": str, "content": str}, ...], "label": str | None,
      "source": str, "file": str, "index": int, "meta": dict}
+plus "tools" (function schemas) when the row had any; turns may carry tool calls and reasoning
+(tasks/data/shapes.py has their shape).
 `file` is relative to data.root when under it; `index` is the 1-based line for JSONL files and the
 0-based item position for JSON files. Plain dicts keep stages cheap to serialise between Prefect tasks.
 """
@@ -14,7 +16,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def record_id(source: str, file: str, index: int) -> str:

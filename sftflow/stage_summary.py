@@ -73,6 +73,8 @@ def stage_summary(stage: str, metrics: dict, params: dict | None = None) -> str:
     elif stage == "gate" and names.GATE_PASSED in metrics:
         parts.append("passed" if metrics[names.GATE_PASSED] else "failed")
     parts += _precision(stage, params)
+    if stage == "template" and params.get("template.mask_source"):  # where the assistant-only mask came from
+        parts.append(f"mask {params['template.mask_source']}")
     if stage == "train" and params.get("train.attention"):  # which attention path, windows, softcap
         parts.append(f"attention {params['train.attention']}")
     return ", ".join(parts)

@@ -8,7 +8,7 @@ from sftflow.configs.schema import PipelineConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "demo.yaml", "gsm8k_tools.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "configs" / name)
     assert Path(cfg.data.root).is_absolute()

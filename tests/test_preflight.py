@@ -13,7 +13,7 @@ def convo(*turns):
 
 @pytest.mark.parametrize("rule, record", [
     ("no_messages", convo()),
-    ("unknown_role", convo(("user", "hi"), ("tool", "x"), ("assistant", "ok"))),
+    ("unknown_role", convo(("user", "hi"), ("wizard", "x"), ("assistant", "ok"))),
     ("system_not_first", convo(("user", "hi"), ("system", "be nice"), ("assistant", "ok"))),
     ("empty_turn", convo(("user", "  "), ("assistant", "ok"))),
     ("no_assistant_turn", convo(("user", "hi"), ("user", "anyone?"))),

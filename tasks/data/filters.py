@@ -48,7 +48,9 @@ def _boilerplate(record: dict, cfg: CurateConfig) -> bool:
 Rule = Callable[[dict, "int | None", CurateConfig], bool]
 
 FILTERS: dict[str, Rule] = {
-    "turn_too_short": lambda r, t, c: any(len(m["content"].strip()) < max(c.min_chars, 1) for m in r["messages"]),
+    # A turn that only calls a tool has no text to measure.
+    "turn_too_short": lambda r, t, c: any(len(m["content"].strip()) < max(c.min_chars, 1) for m in r["messages"]
+                                          if not m.get("tool_calls")),
     "too_many_chars": lambda r, t, c: sum(len(m["content"]) for m in r["messages"]) > c.max_chars,
     "too_few_tokens": lambda r, t, c: t is not None and t < c.min_tokens,
     "too_many_tokens": lambda r, t, c: t is not None and c.max_tokens is not None and t > c.max_tokens,

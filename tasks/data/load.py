@@ -3,6 +3,7 @@
 Formats are a small registry: each knows how to recognise a raw row and turn it into messages. Every
 row is kept or rejected with its file, line and a `kind: detail` reason (invalid JSON, not UTF-8,
 oversize, wrong schema, unknown role); `curate.on_bad_record: fail` stops at the first instead.
+Tool calls, tool results and reasoning are read by shapes.py.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 from sftflow import cache
 from sftflow.cache import cached
 from sftflow.configs.schema import CurateConfig, DataConfig, Source
-from sftflow.records import ROLES, record_id, reject, write_jsonl
+from sftflow.records import record_id, reject, write_jsonl
 from sftflow.results import Loaded
+from sftflow.tasks.data import gsm8k, shapes
 from sftflow.tasks.data.readers import DEFAULT_MAX_BYTES, Bad, DataError, read_rows
 from sftflow.tracking import stage
 
@@ -33,18 +35,14 @@ class BadRow(ValueError):
 class Format:
     detect: Callable[[dict], bool]
     convert: Callable[[dict], tuple[list[dict], object]]  # -> (messages, label)
+    tools: tuple[dict, ...] = ()  # function schemas every record of the format offers
 
 
 def _text(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise BadRow(f"wrong schema: {what} must be text, not {type(value).__name__}")
-    return value
-
-
-def _turn(role: object, content: object, where: str) -> dict:
-    if not isinstance(role, str) or role not in ROLES:
-        raise BadRow(f"unknown role: {where} has role {role!r}, expected one of {', '.join(ROLES)}")
-    return {"role": role, "content": _text(content, f"{where} content")}
+    try:
+        return shapes.text(value, what)
+    except shapes.ShapeError as exc:
+        raise BadRow(str(exc)) from None
 
 
 def _listed(value: object, key: str) -> list:
@@ -61,7 +59,8 @@ def _listed(value: object, key: str) -> list:
 def _messages(row: dict) -> tuple[list[dict], object]:
     msgs = _listed(row["messages"], "messages")
     turns = [m if isinstance(m, dict) else {} for m in msgs]
-    return [_turn(m.get("role"), m.get("content"), f"messages[{i}]") for i, m in enumerate(turns)], row.get("label")
+    return [shapes.turn(m.get("role"), m.get("content"), f"messages[{i}]", m) for i, m in enumerate(turns)], \
+        row.get("label")
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -69,15 +68,10 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 def _sharegpt(row: dict) -> tuple[list[dict], object]:
-    turns = _listed(row["conversations"], "conversations")
-    out = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict):
-            raise BadRow(f"wrong schema: conversations[{i}] is not an object")
-        speaker = t.get("from", "")
-        out.append(_turn(SHAREGPT_ROLES.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker,
-                         t.get("value"), f"conversations[{i}]"))
-    return out, row.get("label")
+    turns = shapes.sharegpt_turns(_listed(row["conversations"], "conversations"), SHAREGPT_ROLES)
+    if isinstance(row.get("system"), str) and row["system"].strip() and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": row["system"]})  # LLaMA-Factory's system column
+    return turns, row.get("label")
 
 
 def _instruction(instruction: object, context: object, answer: object) -> list[dict]:
@@ -116,6 +110,9 @@ FORMATS: dict[str, Format] = {
     "dolly": Format(lambda r: "instruction" in r and "response" in r, _dolly),
     "alpaca": Format(lambda r: "instruction" in r and "output" in r, _alpaca),
     "prompt_completion": Format(lambda r: "prompt" in r and "completion" in r, _prompt_completion),
+    # GSM8K's worked answers, their <<calculations>> as calculator calls.
+    "gsm8k_calculator": Format(lambda r: "question" in r and "<<" in str(r.get("answer", "")),
+                               gsm8k.calculator_conversation, (gsm8k.CALCULATOR,)),
 }
 # Row fields kept in meta (used by the split for stratification and grouping).
 META_FIELDS = ("category", "native_id", "conversation_id", "group")
@@ -144,10 +141,13 @@ def normalise(row: object, fmt_name: str = "auto") -> tuple[list[dict], str | No
         messages, label = FORMATS[fmt_name].convert(row)
     except KeyError as exc:
         raise BadRow(f"wrong schema: missing field {exc} for format {fmt_name}") from None
+    except shapes.ShapeError as exc:
+        raise BadRow(str(exc)) from None
     if label is not None and not isinstance(label, _SCALAR):
         raise BadRow(f"wrong schema: label must be text or a number, not {type(label).__name__}")
     for m in messages:
         _encodable(m["content"], f"{m['role']} turn")
+        _encodable(m.get("reasoning_content", ""), f"{m['role']} reasoning")
     label = None if label is None else _encodable(str(label), "label")
     meta = {"format": fmt_name}
     for k in META_FIELDS:
@@ -234,12 +234,15 @@ def load_source(source: Source, root: Path, seed: int = 0, on_bad_record: str = 
         base = {"id": record_id(name, file, idx), "source": name, "file": file, "index": idx}
         try:
             messages, label, meta = normalise(row, source.format)
-        except BadRow as exc:
+            # the function schemas offered to the assistant: the row's own, else its format's
+            tools = shapes.tools(row.get("tools")) or list(FORMATS[meta["format"]].tools)
+        except (BadRow, shapes.ShapeError) as exc:
             if on_bad_record == "fail":
                 raise DataError(f"{_where(file, idx)}: {exc} (curate.on_bad_record: fail)") from None
             rejects.append(reject({**base, "raw": _raw_excerpt(row)}, "load", str(exc)))
             continue
-        records.append({**base, "messages": messages, "label": label, "meta": meta})
+        tools_field = {"tools": tools} if tools else {}  # absent, not empty: plain records keep their shape
+        records.append({**base, "messages": messages, "label": label, "meta": meta, **tools_field})
     if not records:
         first = f"{_where(rejects[0]['file'], rejects[0]['index'])}: {rejects[0]['reason']}" if rejects else "no rows"
         raise DataError(f"source {name!r} yielded no usable record ({len(rejects)} rejected; first {first})")
@@ -256,7 +259,7 @@ def load(cfg: DataConfig, out_dir: Path, policy: CurateConfig | None = None) -> 
     bad = {"on_bad_record": policy.on_bad_record, "max_record_bytes": policy.max_record_bytes}
     root = Path(cfg.root)
     inputs = [s.hub or [(_relative(f, root), f) for f in source_files(s, root)] for s in cfg.sources]
-    return cached("load", cache.key("load-v2", cfg.model_dump(exclude={"root"}), bad, inputs), out_dir,
+    return cached("load", cache.key("load-v3", cfg.model_dump(exclude={"root"}), bad, inputs), out_dir,
                   lambda d: _load(cfg, d, bad))
 
 

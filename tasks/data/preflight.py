@@ -1,10 +1,11 @@
 """Pre-flight check of loaded records, in the spirit of OpenAI's fine-tuning file check.
 
-Structure (known roles, system first, user before assistant, no two assistant turns in a row, a final
-assistant turn, no empty turn) and token counts with the real tokenizer and chat template: how many
-tokens a run trains on and what share `max_length` would cut. Invalid records are rejected with the
-rule; when their share (load rejects included) passes `max_error_share` the run stops here, before
-any training time is spent.
+Structure (known roles; every tool call answered by a result, with JSON arguments, of a function in the
+record's `tools`, and no result without a call; reasoning only on assistant turns; system first, user
+before assistant, no two assistant turns in a row, a final assistant turn, no empty turn) and token
+counts with the real tokenizer and chat template: how many tokens a run trains on and what share
+`max_length` would cut. Invalid records are rejected with the rule; when their share (load rejects
+included) passes `max_error_share` the run stops here, before any training time is spent.
 """
 
 from __future__ import annotations
@@ -18,17 +19,24 @@ import numpy as np
 from sftflow.configs.schema import PreflightConfig
 from sftflow.records import ROLES
 from sftflow.tasks.data.readers import DataError
+from sftflow.tasks.data.shapes import TOOL_RULES
 
 
 def _roles(r: dict) -> list[str]:
     return [m["role"] for m in r["messages"]]
 
 
+def _empty(m: dict) -> bool:
+    """A turn that says nothing: no text, no call and no reasoning."""
+    return not (m["content"].strip() or m.get("tool_calls") or m.get("reasoning_content", "").strip())
+
+
 STRUCTURE: dict[str, Callable[[dict], bool]] = {
     "no_messages": lambda r: not r["messages"],
     "unknown_role": lambda r: any(x not in ROLES for x in _roles(r)),
+    **TOOL_RULES,
     "system_not_first": lambda r: "system" in _roles(r)[1:],
-    "empty_turn": lambda r: any(not m["content"].strip() for m in r["messages"]),
+    "empty_turn": lambda r: any(_empty(m) for m in r["messages"]),
     "no_assistant_turn": lambda r: "assistant" not in _roles(r),
     "assistant_before_user": lambda r: [x for x in _roles(r) if x != "system"][0] != "user",
     "consecutive_assistant_turns": lambda r: any(a == b == "assistant" for a, b in zip(_roles(r), _roles(r)[1:])),
@@ -47,13 +55,15 @@ def structure_error(record: dict) -> str | None:
 def token_counts(records: list[dict], tokenizer_path: str, system_prompt: str | None) -> list[int | None]:
     """Templated token count per record (None where the chat template refuses the conversation)."""
     from sftflow.models import load_tokenizer
+    from sftflow.tasks.training.chat import chat_messages
     from sftflow.tasks.training.template import render, with_system
 
     tok = load_tokenizer(tokenizer_path)
     texts: list[str | None] = []
     for r in records:
         try:
-            texts.append(render(tok, with_system(r["messages"], system_prompt)))
+            msgs = chat_messages(with_system(r["messages"], system_prompt), "keep", tok.chat_template)
+            texts.append(render(tok, msgs, tools=r.get("tools")))
         except Exception:  # jinja's raise_exception in a template: the template's own validation
             texts.append(None)
     ok = [t for t in texts if t is not None]

@@ -2,7 +2,8 @@
 
 Greedy generation with the training chat template; scored by exact match on the reference and by
 label accuracy (first line, case and trailing punctuation ignored), plus macro-F1 and a confusion
-table when records carry labels. Deltas vs the base come with 95% paired-bootstrap CIs.
+table when records carry labels; records that call tools also score `tool_call_acc` (tool_calls.py). Deltas
+vs the base come with 95% paired-bootstrap CIs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from sftflow.models import load_causal_lm, load_tokenizer, tokenizer_digest
 from sftflow.records import prompt_messages, read_jsonl, reference, write_jsonl
 from sftflow.results import Heldout, ModelRef
 from sftflow.tasks.data.readers import DataError
+from sftflow.tasks.evaluation.tool_calls import call_matches, first_calls
+from sftflow.tasks.training.chat import chat_messages
 from sftflow.tasks.evaluation.shared_prefix import generate_after_prefix, prefix_groups
 from sftflow.tasks.training.template import render, with_system
 from sftflow.tracking import stage
@@ -33,11 +36,13 @@ def normalise_label(text: str) -> str:
     return first.strip().strip(".!\"'").casefold()
 
 
-def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
+             tools: list[list | None] | None = None) -> list[str]:
     """Greedy completions in input order. The opening prompts share (system prompt, a source's task definition) is
-    computed once per group of prompts (shared_prefix.py); batches of similar length."""
-    prompts = [tok(render(tok, msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-               for msgs in conversations]
+    computed once per group of prompts (shared_prefix.py); batches of similar length. tools: per conversation."""
+    tools = tools or [None] * len(conversations)
+    prompts = [tok(render(tok, msgs, add_generation_prompt=True, tools=t), add_special_tokens=False)["input_ids"]
+               for msgs, t in zip(conversations, tools)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def greedy(ids, attention, **cache):
@@ -134,15 +139,21 @@ def _evaluate(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, o
     refs = [reference(r) for r in records]
     labelled = all(r.get("label") is not None for r in records)
     prompts = [with_system(prompt_messages(r), system_prompt) for r in records]
+    tools = [r.get("tools") for r in records]
     metrics, preds, per_record, labels, confusion = {names.HELDOUT_RECORDS: len(records)}, {}, {}, {}, {}
     for tag, spec in models.items():
         # One chat template for every model (the training one, when given), so prompts are identical.
         tok = load_tokenizer(chat_tokenizer or spec.get("adapter") or spec["path"], trust_remote_code)
         model = load_causal_lm(spec["path"], trust_remote_code, adapter=spec.get("adapter"), merge=True).eval()
         start = time.perf_counter()
-        preds[tag] = generate(model, tok, prompts, cfg.max_new_tokens, cfg.batch_size)
-        metrics[names.heldout(tag, "wall_s")] = time.perf_counter() - start
+        preds[tag] = generate(model, tok, [chat_messages(p, "keep", tok.chat_template) for p in prompts],
+                              cfg.max_new_tokens, cfg.batch_size, tools)
         per_record[tag] = correct(preds[tag], refs)
+        if calls := first_calls(tok, records, system_prompt):
+            said = generate(model, tok, [c[1] for c in calls], cfg.max_new_tokens, cfg.batch_size,
+                            [tools[c[0]] for c in calls])
+            per_record[tag]["tool_call_acc"] = call_matches(tok, said, [c[2] for c in calls])
+        metrics[names.heldout(tag, "wall_s")] = time.perf_counter() - start
         for name, values in per_record[tag].items():
             metrics[names.heldout(tag, name)] = sum(values) / len(values)
         if labelled:

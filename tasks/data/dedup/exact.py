@@ -16,7 +16,10 @@ def normalise(text: str) -> str:
 
 
 def content_key(record: dict) -> str:
-    turns = [[m["role"], normalise(m["content"])] for m in record["messages"]]
+    # Calls and reasoning are part of a turn: two records that differ only there are not duplicates.
+    extras = ("tool_calls", "reasoning_content")
+    turns = [[m["role"], normalise(m["content"]), *(json.dumps(m[k], sort_keys=True) for k in extras if k in m)]
+             for m in record["messages"]]
     return hashlib.sha256(json.dumps(turns).encode()).hexdigest()
 
 
