@@ -80,7 +80,7 @@ def test_the_builders_write_the_names_the_readme_table_documents():
              *(names.eval_work("<tag>", f) for f in names.EVAL_WORK),
              *(names.forgetting("<bench>", s) for s in names.FORGETTING_STATS),
              names.forgetting("<bench>/<subtask>", "delta"),
-             *(names.heldout("<tag>", m) for m in ("exact_match", "label_acc", "macro_f1")),
+             *(names.heldout("<tag>", m) for m in ("exact_match", "label_acc", "macro_f1", "tool_call_acc")),
              names.heldout_delta("<measure>"), *(names.heldout_delta("<measure>", s) for s in names.DELTA_STATS),
              names.GATE_PASSED}
     assert documented == built
