@@ -23,9 +23,27 @@ def run_bench(script: str, tmp_path, tiny_model, *args) -> str:
     return proc.stdout
 
 
-def test_packing_benchmark_compares_every_batching_with_stock_trl(tmp_path, tiny_model):
-    out = run_bench("packing_speed.py", tmp_path, tiny_model, "--steps", "2", "--repeats", "1", "--pack-length",
-                    "512")
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory, tiny_model) -> dict:
+    """One `python -m benchmarks --quick` run -> its JSON, stdout and each script's output: the harness test and the
+    tests of the scripts it runs (with their quick arguments) read the same run."""
+    import json
+
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], env=env,
+                          cwd=BENCH.parent, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    work = Path(re.search(r"work dir (\S+)", proc.stdout).group(1))
+    return {"result": json.loads(out.read_text()), "stdout": proc.stdout,
+            "scripts": {log.stem: log.read_text() for log in work.glob("*.log")}}
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_packing_benchmark_compares_every_batching_with_stock_trl(harness):
+    out = harness["scripts"]["packing_speed"]
     for arm in ("trl_default", "padded", "padding_free", "packed", "reshuffled"):
         assert re.search(rf"^{arm}\s+[\d.]+\s+[\d.]+x", out, re.M), f"no result row for {arm}:\n{out}"
     # padding_free trains on exactly the stock trainer's batches: a whole epoch of per-step losses must agree.
@@ -33,9 +51,10 @@ def test_packing_benchmark_compares_every_batching_with_stock_trl(tmp_path, tiny
     assert diff < 1e-3
 
 
-def test_trainer_overhead_benchmark_prints_its_ratio(tmp_path, tiny_model):
-    out = run_bench("trainer_overhead.py", tmp_path, tiny_model, "--steps", "2", "--repeats", "1")
-    assert re.search(r"ratio [\d.]+x \(target <= 1.15x\)", out), out
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_trainer_overhead_benchmark_prints_its_ratio(harness):
+    assert re.search(r"ratio [\d.]+x \(target <= 1.15x\)", harness["scripts"]["trainer_overhead"])
 
 
 def gpu_check_row(run: str) -> re.Pattern:
@@ -43,6 +62,7 @@ def gpu_check_row(run: str) -> re.Pattern:
     return re.compile(rf"^{re.escape(run)}\s+(fp32|bf16|fp16)\s+\S+.*\s\d+\s+(\d+ steps|whole run)\s", re.M)
 
 
+@pytest.mark.slow
 def test_gpu_check_trains_each_method_and_says_what_it_ran(tmp_path, tiny_model):
     import torch
 
@@ -110,16 +130,9 @@ def test_the_step_clock_times_only_the_steps_after_warm_up():
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_the_harness_runs_every_benchmark_in_quick_mode_and_writes_its_json(tmp_path, tiny_model):
+def test_the_harness_runs_every_benchmark_in_quick_mode_and_writes_its_json(harness):
     """`python -m benchmarks --quick`: P1-P7 and E1 measured (smoke config, tiny model), one table, one JSON."""
-    import json
-
-    out = tmp_path / "bench.json"
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], env=env,
-                          cwd=BENCH.parent, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = harness["result"]
     assert result["mode"] == "quick" and result["errors"] == [] and "CPU cores" in result["machine"]
     rows = {r["id"]: r for r in result["results"]}
     assert set(rows) == {"P1", "P2", "P3", "P4", "P5", "P6", "P7", "E1"}
@@ -127,9 +140,10 @@ def test_the_harness_runs_every_benchmark_in_quick_mode_and_writes_its_json(tmp_
     assert 0.05 < rows["P6"]["value"] < 8  # GiB: the tiny model's flow, Prefect server included
     assert rows["P2"]["value"] < 1.5  # the rerun finds the data, the training and the base's scores cached
     for key in rows:
-        assert re.search(rf"^\| {key} \|", proc.stdout, re.M), proc.stdout
+        assert re.search(rf"^\| {key} \|", harness["stdout"], re.M), harness["stdout"]
 
 
+@pytest.mark.slow
 def test_eval_speed_benchmark_prints_every_arm_and_the_ratios(tmp_path, tiny_model):
     out = run_bench("eval_speed.py", tmp_path, tiny_model, "--mmlu", "1", "--bbh", "1", "--budget", "8")
     for arm in ("base, stock budget", "ft via peft=, stock budget (before)", "base, budget 8", "ft merged, budget 8 (now)"):
@@ -137,9 +151,10 @@ def test_eval_speed_benchmark_prints_every_arm_and_the_ratios(tmp_path, tiny_mod
     assert re.search(r"ft/base before [\d.]+x, now [\d.]+x \(target <= 1.3x\)", out), out
 
 
-def test_cpu_precision_benchmark_prints_the_flags_the_choice_and_both_ratios(tmp_path, tiny_model):
-    out = run_bench("cpu_precision.py", tmp_path, tiny_model, "--steps", "3", "--repeats", "1", "--mmlu", "1",
-                    "--bbh", "1")
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_cpu_precision_benchmark_prints_the_flags_the_choice_and_both_ratios(harness):
+    out = harness["scripts"]["cpu_precision"]
     assert re.search(r"^CPU: .*avx512_bf16=[01] amx_bf16=[01]$", out, re.M), out
     assert re.search(r"^precision auto here: training (fp32|bf16), evaluation (float32|bfloat16) \(auto: ", out,
                      re.M), out

@@ -128,6 +128,7 @@ def test_chat_template_option_renders_prompts_through_the_base_template(tmp_path
     assert "<|im_start|>" not in plain["prompt"] and plain["prompt"].endswith("Answer:")
 
 
+@pytest.mark.slow
 def test_stock_task_names_run_alone_and_expand_groups_and_tags(tmp_path, data_root, tiny_model):
     """eval.tasks takes any lm-eval name. Stock data needs the hub, so this resolves a tag offline through the
     same path: lm-eval's full task index plus the mirror folder, where `sftflow_mmlu` tags the MMLU mirrors."""

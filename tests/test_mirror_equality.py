@@ -57,6 +57,7 @@ def _requests(task, shots, **chat):
     return [(inst.doc_id, inst.idx, inst.args) for inst in task.instances]
 
 
+@pytest.mark.slow  # the stock task index alone takes about 20 s to build
 @pytest.mark.parametrize("bench,sub,stock_name,hub,shots,splits", CASES, ids=[c[2] for c in CASES])
 def test_mirror_renders_what_the_stock_task_renders(tmp_path, data_root, stock_manager, monkeypatch,
                                                     tiny_tokenizer, bench, sub, stock_name, hub, shots, splits):

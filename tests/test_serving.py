@@ -21,6 +21,9 @@ from sftflow.release import registry, serving
 from sftflow.stack.servers import free_port
 from sftflow.tasks.evaluation.heldout import generate
 
+# Each test trains a tiny model and registers it; most start a fresh process or a server.
+pytestmark = pytest.mark.slow
+
 MESSAGES = [{"role": "user", "content": "Is the sky green? Answer yes or no."}]
 MAX_TOKENS = 12
 
