@@ -27,10 +27,13 @@ def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("faults-home")
 
 
-def start_run(home: Path, log: Path, *overrides: str, tracking_uri: str | None = None) -> subprocess.Popen:
+def start_run(home: Path, log: Path, *overrides: str, tracking_uri: str | None = None,
+              threads: int | None = None) -> subprocess.Popen:
     environ = {k: v for k, v in os.environ.items()
                if k not in ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     environ["SFTFLOW_HOME"] = str(home)
+    if threads:  # runs side by side: torch's spinning OpenMP threads would fight over the cores
+        environ["OMP_NUM_THREADS"] = str(threads)
     if tracking_uri:
         environ["MLFLOW_TRACKING_URI"] = tracking_uri
     cmd = [sys.executable, "-m", "sftflow.cli", "run", str(REPO / "configs/smoke.yaml"), "--set",
@@ -87,7 +90,7 @@ def assert_cache_intact(home: Path) -> int:
 
 
 def test_two_runs_of_one_config_at_once_both_complete(home, tmp_path):
-    procs = [(start_run(home, tmp_path / f"{i}.log"), tmp_path / f"{i}.log") for i in range(2)]
+    procs = [(start_run(home, tmp_path / f"{i}.log", threads=1), tmp_path / f"{i}.log") for i in range(2)]
     outs = [finish(p, log) for p, log in procs]
     for (p, _), out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
