@@ -86,6 +86,36 @@ def test_each_bad_tool_record_is_rejected_with_its_line_and_rule_and_the_counts_
     assert where({**bad, "reason": errors[bad["id"]]}) == "t.jsonl:4: unknown_function"
 
 
+WRONG_SCHEMA = [  # one malformed tool-calling shape a line -> what its reject says
+    (with_turn(1, tool_calls=[{"function": {"arguments": "{}"}}]), "tool_calls[0] is not a call with a function name"),
+    (with_turn(1, tool_calls=[{"function": {"name": "add", "arguments": 5}}]), "arguments must be a JSON object"),
+    (with_turn(0, tool_calls=[CALL]), "has tool_calls but role 'user'"),
+    ({"messages": TOOL_CHAT, "tools": ADD}, "'tools' must be a list of function schemas"),
+    ({"messages": TOOL_CHAT, "tools": [{"type": "function", "function": {}}]}, "tools[0] is not a function schema"),
+    ({"conversations": ["hello", *SHAREGPT["conversations"]]}, "conversations[0] is not an object"),
+]
+
+
+def test_each_wrong_tool_schema_is_a_load_reject_with_its_line_and_what_is_wrong(tmp_path):
+    records, rejects, available = load_rows(tmp_path, [{"messages": TOOL_CHAT, "tools": [ADD]},
+                                                       *(row for row, _ in WRONG_SCHEMA)])
+    assert len(records) == 1 and available == 1 + len(WRONG_SCHEMA) == len(records) + len(rejects)
+    for reject, (_, said) in zip(rejects, WRONG_SCHEMA):
+        assert reject["reason"].startswith("wrong schema: ") and said in reject["reason"], (reject, said)
+    assert [r["index"] for r in rejects] == list(range(2, 2 + len(WRONG_SCHEMA)))
+
+
+def test_a_call_id_is_kept_and_sharegpt_calls_attach_to_the_answer_before_them(tmp_path):
+    with_id = with_turn(1, tool_calls=[{**CALL, "id": "call_7"}])
+    split = {**SHAREGPT, "conversations": [SHAREGPT["conversations"][0], {"from": "gpt", "value": "Let me add."},
+                                           *SHAREGPT["conversations"][1:]]}
+    records, rejects, _ = load_rows(tmp_path, [with_id, split])
+    assert not rejects, rejects
+    assert records[0]["messages"][1]["tool_calls"][0]["id"] == "call_7"
+    turn = next(m for m in records[1]["messages"] if m["role"] == "assistant")
+    assert turn["content"] == "Let me add." and turn["tool_calls"][0]["function"]["name"] == "add"
+
+
 @pytest.mark.parametrize("name", ["qwen3", "deepseekv3", "nemotron_3_nano", "qwen2_5", "llama3_1", "gptoss"])
 def test_calls_and_answers_are_trained_never_the_tool_results(tiny_model, name):
     tok = tokenizer_for(tiny_model, trl_templates()[name])
