@@ -4,6 +4,7 @@ schema, copied only where no database exists, never over one."""
 import sqlite3
 from pathlib import Path
 
+import pytest
 from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
 from sftflow import prefect_db
@@ -47,3 +48,11 @@ def test_only_a_sqlite_file_is_seeded(tmp_path):
     for url in ("sqlite+aiosqlite:///:memory:", "postgresql+asyncpg://u@127.0.0.1/prefect"):
         with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: url}):
             assert prefect_db.database_path() is None and prefect_db.seed() is False
+
+
+@pytest.mark.slow
+def test_a_first_use_migrates_a_template_once_into_the_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    made = prefect_db.template()  # Prefect's own `database upgrade`, in a subprocess
+    assert made.parent == tmp_path / "cache" / "sftflow" and revision(made) == revision(prefect_db.template())
+    assert sorted(p.name for p in made.parent.iterdir()) == [made.name, made.name + ".lock"]  # no work files left
