@@ -36,7 +36,8 @@ GIB = 1024 ** 3
 # Variables of the caller's Prefect/MLflow set-up: each arm gets its own state dir and ephemeral servers.
 FOREIGN_ENV = ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "SFTFLOW_DEBUG")
 MODES = {
-    # Quick mode also trains the loss curves: the tiny model's epoch is short, and its tests check the curves.
+    # Full mode skips the packing loss curves (a whole epoch of the demo model); quick mode trains them, since the
+    # tiny model's epoch is short and the benchmark's tests check the curves.
     "full": {"config": "configs/demo.yaml", "packing": ["--no-curves"], "trainer": [], "dedup": [], "precision": []},
     "quick": {"config": "configs/smoke.yaml", "packing": ["--steps", "2", "--repeats", "1", "--pack-length", "512"],
               "trainer": ["--steps", "2", "--repeats", "1"], "dedup": ["--repeats", "1", "--max-records", "1000"],

@@ -54,7 +54,8 @@ def test_packing_benchmark_compares_every_batching_with_stock_trl(harness):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_trainer_overhead_benchmark_prints_its_ratio(harness):
-    assert re.search(r"ratio [\d.]+x \(target <= 1.15x\)", harness["scripts"]["trainer_overhead"])
+    out = harness["scripts"]["trainer_overhead"]
+    assert re.search(r"ratio [\d.]+x \(target <= 1.15x\)", out), out
 
 
 def gpu_check_row(run: str) -> re.Pattern:
