@@ -3,6 +3,7 @@ the file, field, value and what is allowed; the benchmark files the config needs
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,9 @@ def _describe(err: dict, origin: str, model: type[BaseModel]) -> str:
     return line
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    tree: dict = {}
+def apply_overrides(tree: dict, pairs: list[str]) -> dict:
+    """Set each `key.path=value` in order; the value replaces what was there, a mapping included, so
+    `--set gate.max_forgetting={mmlu: 1.0}` drops `bbh` from the gate and `={}` empties it."""
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
@@ -68,7 +70,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> PipelineConfig:
     """YAML file (or `base` dict) + overrides -> validated config with data.root made absolute."""
     origin = str(path) if path else "config"
-    tree: dict = dict(base or {})
+    tree: dict = copy.deepcopy(base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -82,7 +84,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         tree = _merge(tree, loaded)
-    tree = _merge(tree, parse_overrides(list(overrides)))
+    tree = apply_overrides(tree, list(overrides))
     try:
         cfg = PipelineConfig.model_validate(tree)
     except ValidationError as exc:

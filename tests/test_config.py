@@ -23,6 +23,22 @@ def test_overrides_reach_nested_fields_and_parse_yaml_scalars():
     assert cfg.offline is False
 
 
+def test_a_mapping_override_replaces_the_mapping_it_names():
+    demo = REPO / "configs/demo.yaml"
+    assert load_config(demo).gate.max_forgetting == {"mmlu": 0.05, "bbh": 0.05}
+    assert load_config(demo, ["gate.max_forgetting={mmlu: 1.0}"]).gate.max_forgetting == {"mmlu": 1.0}
+    assert load_config(demo, ["gate.max_forgetting={}"]).gate.max_forgetting == {}
+    # a leaf inside the mapping still changes only that leaf, and later overrides win
+    cfg = load_config(demo, ["gate.max_forgetting.bbh=0.2", "gate.min_gain=0.1", "gate.min_gain=0.2"])
+    assert cfg.gate.max_forgetting == {"mmlu": 0.05, "bbh": 0.2} and cfg.gate.min_gain == 0.2
+
+
+def test_a_base_tree_is_not_changed_by_overrides():
+    base = {"data": {"sources": [{"path": "x.jsonl"}]}, "gate": {"max_forgetting": {"mmlu": 0.1}}}
+    load_config(None, ["gate.max_forgetting.mmlu=0.3"], base=base)
+    assert base["gate"]["max_forgetting"] == {"mmlu": 0.1}
+
+
 def test_bad_value_names_file_field_value_and_allowed():
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs/smoke.yaml", ["train.method=qlora2"])
