@@ -73,7 +73,8 @@ def test_every_planted_problem_is_caught_and_the_ledger_adds_up(planted, tmp_pat
     assert contaminated[planted_id(out, 3)]["record"]["meta"]["contaminated_by"]["item"] == "mmlu/anatomy/test/11"
     assert contaminated[planted_id(out, 4)]["record"]["meta"]["contaminated_by"]["item"] == "bbh/navigate/test/5"
     ledger = json.loads((out / "split" / "curation_report.json").read_text())["accounting"]
-    assert ledger == {"records_in": 127, "kept": 120, "rejected": 3, "exact_dup": 1, "near_dup": 1, "contaminated": 2}
+    assert ledger == {"records_in": 127, "kept": 120, "rejected": 3, "exact_dup": 1, "near_dup": 1, "contaminated": 2,
+                      "bridged": 0}
     assert sum(splits["metrics"][f"split/{s}"] for s in SPLITS) == 120
     md = (out / "split" / "curation_report.md").read_text()
     assert "127** records in" in md and "mmlu/anatomy/test/11" in md and "exact_duplicate" in md

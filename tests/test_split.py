@@ -6,7 +6,7 @@ from conftest import make_record
 
 from sftflow.configs.schema import SplitConfig
 from sftflow.records import read_jsonl, write_jsonl
-from sftflow.tasks.data.split import account, assign, split
+from sftflow.tasks.data.split import account, assign, shares, split
 
 NO_DECONTAM = {"decontam": {"enabled": False}}
 
@@ -28,19 +28,31 @@ def test_split_is_complete_disjoint_and_reproducible():
     assert sorted(flat) == sorted(r["id"] for r in recs) and len(set(flat)) == len(flat)
 
 
-def test_split_is_stratified_by_label():
-    parts = assign(records(400), SplitConfig(val_ratio=0.1, test_ratio=0.2, seed=0))
-    for name, share in (("test", 0.2), ("val", 0.1)):
-        labels = Counter(r["label"] for r in parts[name])
-        assert labels["NEG"] == round(100 * share) and labels["POS"] == round(300 * share)
+def test_each_stratum_matches_the_ratios_within_the_stated_tolerance():
+    cfg = SplitConfig(val_ratio=0.1, test_ratio=0.2, seed=0)
+    parts = assign(records(4000), cfg)
+    table = shares(parts, cfg)
+    assert set(table) == {"src|NEG", "src|POS"} and table["src|NEG"]["records"] == 1000
+    for row in table.values():
+        for name, ratio in (("test", 0.2), ("val", 0.1)):
+            assert row[name]["within"] and abs(row[name]["share"] - ratio) <= row[name]["tolerance"] < 0.05
+    # the tolerance is what sampling noise allows: 3 standard deviations of a binomial share
+    assert table["src|NEG"]["test"]["tolerance"] == pytest.approx(3 * (0.2 * 0.8 / 1000) ** 0.5, abs=1e-4)
 
 
-def test_category_stratifies_when_there_is_no_label():
+def test_category_names_the_stratum_when_there_is_no_label():
     recs = [make_record(i, f"t{i}", "a") for i in range(100)]
     for i, r in enumerate(recs):
         r["meta"]["category"] = "qa" if i < 20 else "chat"
-    parts = assign(recs, SplitConfig(test_ratio=0.2, val_ratio=0.0))
-    assert Counter(r["meta"]["category"] for r in parts["test"]) == {"qa": 4, "chat": 16}
+    cfg = SplitConfig(test_ratio=0.2, val_ratio=0.0)
+    assert {k: v["records"] for k, v in shares(assign(recs, cfg), cfg).items()} == {"src|qa": 20, "src|chat": 80}
+
+
+def test_a_groups_split_never_depends_on_the_other_records():
+    recs = records(300)
+    alone = {r["id"]: s for s, rows in assign(recs[:50], SplitConfig(seed=3)).items() for r in rows}
+    together = {r["id"]: s for s, rows in assign(recs, SplitConfig(seed=3)).items() for r in rows}
+    assert all(together[k] == v for k, v in alone.items())
 
 
 def test_clusters_and_group_keys_never_straddle_splits():

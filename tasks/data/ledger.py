@@ -6,13 +6,13 @@ from __future__ import annotations
 from sftflow.records import snippet
 
 
-def account(upstream: dict, curated: int, parts: dict, contaminated: int) -> dict:
+def account(upstream: dict, curated: int, parts: dict, contaminated: int, bridged: int = 0) -> dict:
     """The data stage's ledger; raises if any record is unaccounted for."""
     c = upstream.get("curate", {})
     ledger = {"records_in": upstream.get("load", {}).get("rows", curated), "kept": sum(len(p) for p in parts.values()),
               "rejected": upstream.get("load", {}).get("rejected", 0) + c.get("rejected", 0),
-              "exact_dup": c.get("exact_dup", 0), "near_dup": c.get("near_dup", 0), "contaminated": contaminated}
-    total = ledger["kept"] + ledger["rejected"] + ledger["exact_dup"] + ledger["near_dup"] + ledger["contaminated"]
+              "exact_dup": c.get("exact_dup", 0), "near_dup": c.get("near_dup", 0), "contaminated": contaminated, "bridged": bridged}
+    total = sum(ledger[k] for k in ("kept", "rejected", "exact_dup", "near_dup", "contaminated", "bridged"))
     if upstream and total != ledger["records_in"]:
         raise AssertionError(f"data accounting does not add up: {ledger} (sum {total})")
     return ledger
@@ -48,7 +48,8 @@ def markdown(report: dict) -> str:
              f"**{a['records_in']}** records in = **{a['kept']}** kept "
              f"({kept}) + {a['rejected']} rejected + "
              f"{a['exact_dup']} exact duplicates + {a['near_dup']} near duplicates + "
-             f"{a['contaminated']} contaminated", ""]
+             f"{a['contaminated']} contaminated" + (f" + {a['bridged']} bridging earlier splits" if a.get("bridged")
+                                                    else ""), ""]
     if report.get("dominant"):
         lines += ["### Warning: one rule removed most of the data", "", *(f"- {line}" for line in report["dominant"]),
                   ""]
@@ -91,6 +92,25 @@ def markdown(report: dict) -> str:
         lines += [f"- `{m['id']}` ({m['split']}) hit `{m['item']}` ({m['against']}): \"{m['ngram']}\""
                   for m in dec["matches"][:10]]
         lines.append("")
+    lines += _earlier(report.get("history") or {})
     lines += ["### Splits", "", *_table(["split", "records", "sha256"],
                                         [[n, s["count"], s["sha256"][:16]] for n, s in splits.items()])]
+    if strata := report.get("strata"):
+        lines += ["", "Each group's split is a hash draw, so shares match the ratios up to sampling noise "
+                  "(tolerance: 3 standard deviations):", "",
+                  *_table(["stratum", "records", "test share (ratio ± tolerance)", "val share (ratio ± tolerance)"],
+                          [[k, v["records"], *(f"{v[s]['share']:.3f} ({v[s]['ratio']} ± {v[s]['tolerance']:.3f})"
+                                               + ("" if v[s]["within"] else " **outside**") for s in ("test", "val"))]
+                           for k, v in strata.items()])]
     return "\n".join(lines) + "\n"
+
+
+def _earlier(h: dict) -> list[str]:
+    if not h.get("versions"):
+        return []
+    return ["### Seen by earlier versions", "",
+            f"against v{', v'.join(map(str, h['versions']))}: {h['new']} new records, {h['seen']} already seen, "
+            f"{h['near_seen']} near duplicates of seen records (each keeps the earlier split); {h['bridges']} "
+            "rejected for bridging an earlier test item and earlier training data", "",
+            *(f"- `{e['record']}`: {e['seen']} of v{e['version']} `{e['id']}` ({e['split']})" for e in h["examples"][:10]),
+            ""]

@@ -168,3 +168,38 @@ def near_duplicates(texts: list[str], ids: list[str], cfg: NearDedupConfig) -> N
              "boilerplate_shingles": boiler, "records_without_shingles": int(n - present.sum()),
              "clusters": len(clusters), "clustered_records": sum(map(len, clusters))}
     return NearDuplicates(labels=labels, keeper=keeper, clusters=clusters, stats=stats)
+
+
+def corpus_signatures(texts: list[str], cfg: NearDedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(signatures, has_shingles) of texts as `near_duplicates` computes them (boilerplate of this corpus dropped)."""
+    rec, h = shingles(texts, cfg.shingle)
+    rec, h, _ = drop_boilerplate(rec, h, len(texts), cfg)
+    return signatures(rec, h, len(texts), cfg)
+
+
+def _band_keys(sig: np.ndarray, band: int, rows: int, mult: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return (sig[:, band * rows:(band + 1) * rows].astype(np.uint64) * mult).sum(axis=1)
+
+
+def matches(new: np.ndarray, new_present: np.ndarray, seen: np.ndarray, seen_present: np.ndarray,
+            cfg: NearDedupConfig) -> np.ndarray:
+    """[k x 2] (new row, seen row) pairs whose estimated Jaccard similarity reaches the threshold; every pair
+    sharing a band bucket is verified (a join per band, not a bucket leader), so no match is left out."""
+    bands, rows = bands_rows(cfg.threshold, cfg.num_perm)
+    mult = np.random.default_rng(cfg.seed + 1).integers(1, 2**63, size=rows, dtype=np.uint64) | np.uint64(1)
+    new_idx, seen_idx = np.flatnonzero(new_present), np.flatnonzero(seen_present)
+    found = []
+    for band in range(bands if len(new_idx) and len(seen_idx) else 0):
+        ks, kn = _band_keys(seen[seen_idx], band, rows, mult), _band_keys(new[new_idx], band, rows, mult)
+        order = np.argsort(ks, kind="stable")
+        lo, hi = np.searchsorted(ks[order], kn, "left"), np.searchsorted(ks[order], kn, "right")
+        count = hi - lo
+        a = np.repeat(np.arange(len(kn)), count)
+        b = order[np.repeat(lo, count) + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)]
+        found.append(np.stack([new_idx[a], seen_idx[b]], axis=1))
+    if not found:
+        return np.zeros((0, 2), np.int64)
+    pairs = np.unique(np.concatenate(found), axis=0)
+    similar = (new[pairs[:, 0]] == seen[pairs[:, 1]]).mean(axis=1) >= cfg.threshold
+    return pairs[similar]
