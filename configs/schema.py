@@ -186,6 +186,20 @@ class EvalConfig(Section):
         return self
 
 
+class VsChampionConfig(Section):
+    """When the model name has a champion, the candidate must also hold up against it, paired on the same items."""
+
+    enabled: bool = True
+    margin: float = Field(0.02, ge=0.0, description="held-out target: candidate minus champion must be at least "
+                                                    "-margin (non-inferiority; at 0, a candidate as good as the "
+                                                    "champion fails on noise about half the time)")
+    max_forgetting: dict[str, Annotated[float, Field(ge=0.0)]] | None = Field(
+        None, description="per benchmark: the largest drop below the champion allowed; None: gate.max_forgetting")
+    bound: Literal["point", "ci"] = Field("point", description="as gate.bound, for the champion checks")
+    rebaseline: bool = Field(False, description="evaluate the champion again when its cached results on its frozen "
+                                                "items are missing (else the run stops and says so)")
+
+
 class GateConfig(Section):
     """Promotion verdict: the fine-tuned model must gain on its task without forgetting too much."""
 
@@ -196,6 +210,7 @@ class GateConfig(Section):
     bound: Literal["point", "ci"] = Field(
         "point", description="judge the point estimates, or (ci) the pessimistic end of each 95% CI")
     model: str = Field("ft", description="which evaluated model is judged (ft, or e.g. ft_best)")
+    vs_champion: VsChampionConfig = VsChampionConfig()
 
 
 class MonitorConfig(Section):

@@ -3,6 +3,8 @@ deployment with the new data as one more source. A champion that holds up is lef
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -20,6 +22,22 @@ def retrain_sources(cfg: PipelineConfig, data: Path) -> list[dict]:
     """The config's sources plus the new data (absolute: it need not lie under data.root)."""
     return [*(s.model_dump(mode="json", exclude_none=True) for s in cfg.data.sources),
             {"path": str(data.resolve()), "name": f"monitor-{data.stem}"}]
+
+
+def admit_traffic(data: Path) -> Path:
+    """A copy of the traffic file in the state dir's admitted-traffic folder, named by its content: the retrain
+    run reads the copy, which its own fence accepts (fence.py), wherever users keep their traffic."""
+    from sftflow import cache
+    from sftflow.stack.fence import admitted_traffic
+
+    folder = admitted_traffic()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{cache.file_digest(data)[:16]}-{data.name}"
+    if not target.exists():
+        tmp = folder / f".{target.name}.{os.getpid()}.tmp"
+        shutil.copyfile(data, tmp)
+        os.replace(tmp, target)
+    return target
 
 
 def start_retrain(deployment: str, config_file: str, overrides: list[str], sources: list[dict]):
@@ -62,7 +80,7 @@ def monitor(config_file: str, data: str, overrides: list[str] | None = None) -> 
     retrain_run = None
     if verdict["dropped"] and cfg.monitor.retrain_deployment:
         retrain_run = start_retrain(cfg.monitor.retrain_deployment, config_file, overrides or [],
-                                    retrain_sources(cfg, Path(data)))
+                                    retrain_sources(cfg, admit_traffic(Path(data))))
         logger.info(f"started {cfg.monitor.retrain_deployment} flow run {retrain_run.name} ({retrain_run.id})")
     create_markdown_artifact(
         key="sftflow-monitor",

@@ -57,6 +57,13 @@ def fingerprint(cfg: PipelineConfig) -> dict:
             "config_hash": config_hash}
 
 
+def register(cfg: PipelineConfig, result: dict, fp: dict | None = None):
+    """Register a pipeline run's candidate; its gate verdict (against the base and the champion it faced)
+    decides whether it becomes champion."""
+    return registry.register_candidate(cfg.name, result["mlflow_run_id"], result["gate"], fp or fingerprint(cfg),
+                                       {r["measure"]: round(r["delta"], 4) for r in result["rows"]})
+
+
 @flow(name="sftflow-retrain")
 def retrain(config_file: str = "configs/demo.yaml", overrides: list[str] | None = None, model: str | None = None,
             method: Literal["lora", "full"] | None = None, sources: list[Source] | None = None,
@@ -96,8 +103,7 @@ def retrain(config_file: str = "configs/demo.yaml", overrides: list[str] | None 
 
     result = sft_pipeline(config=cfg)
     verdict = result["gate"]  # the pipeline's promotion gate (tasks/evaluation/gate.py) decides
-    version = registry.register_candidate(cfg.name, result["mlflow_run_id"], verdict, fp,
-                                          {r["measure"]: round(r["delta"], 4) for r in result["rows"]})
+    version = register(cfg, result, fp)
     run_url = links.mlflow_run_url(result["experiment_id"], result["mlflow_run_id"])
     if root_url := links.prefect_flow_run_url():
         mlflow.MlflowClient().set_tag(result["mlflow_run_id"], "prefect.root_flow_run_url", root_url)

@@ -62,7 +62,9 @@ def run_trial(study, spec: space.SweepSpec, config_file: str, base_overrides: li
         pruned = reporter.pruned if reporter is not None and not state.is_completed() else None
         if not state.is_completed() and not pruned:
             raise RuntimeError(f"pipeline {state.name}: {state.message}")
-        scored = None if pruned else pareto.score(found[0].data.metrics, cfg.gate)
+        judged = found[0].data.tags.get("sftflow.judged_against", "base") if found else "base"
+        scored = None if pruned else pareto.score(found[0].data.metrics, cfg.gate,
+                                                  {"version": judged[1:]} if judged.startswith("v") else None)
         if scored and scored["gain"] is None:
             raise RuntimeError("; ".join(scored["reasons"]))
     except FenceError:
@@ -193,7 +195,8 @@ def sweep(config_file: str = "configs/demo.yaml", space_file: str = "configs/swe
         best = out["best"]
         cfg = _trial_config(config_file, base_overrides, best["params"], entry)
         version = registry.register_candidate(
-            cfg.name, best["run_id"], {"passed": True, "reasons": [f"best of sweep {name}"]}, fingerprint(cfg),
+            cfg.name, best["run_id"], {"passed": True, "reasons": [f"best of sweep {name}", *best.get("reasons", [])],
+                                       "champion": best.get("champion")}, fingerprint(cfg),
             {"gain": round(best["gain"], 4), "worst_forgetting": round(best["worst_forgetting"], 4)},
             promote=False).version
     import mlflow

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 FT = "ft"  # the model whose comparisons with the base carry no model in their name
+CHAMPION = "champion"  # the model name's version in service, evaluated beside the candidate
 COUNT = "n"  # items a benchmark score averages over: eval/<tag>/<bench>/n
 EVAL_WORK = ("cached_tasks", "evaluated_tasks", "wall_s")  # lm-eval work done for one model
 DELTA_STATS = ("ci_low", "ci_high", "p_value", "mde")  # mde: minimum detectable effect, 80% power
@@ -53,6 +54,12 @@ def heldout(tag: str, measure: str) -> str:
 def heldout_delta(measure: str, stat: str | None = None, model: str = FT) -> str:
     """`heldout/delta[/<model>]/<measure>[/<stat>]`: the model minus the base on the test split."""
     return f"{_compared('heldout/delta', model)}/{measure}" + (f"/{stat}" if stat else "")
+
+
+def champion_delta(measure: str, stat: str | None = None) -> str:
+    """`champion/delta/<measure>[/<stat>]`: the judged model minus the champion on the same items; measure is a
+    held-out measure (`label_acc`) or a benchmark or category (`mmlu`, `mmlu_stem`)."""
+    return f"champion/delta/{measure}" + (f"/{stat}" if stat else "")
 
 
 def stage_duration(stage: str) -> str:

@@ -76,6 +76,7 @@ class Verdict(StageResult):
     checks: list[dict]  # check, metric, value, threshold, passed, reason
     model: str  # the model the gate judged (tag)
     bound: str  # point or ci
+    champion: dict | None  # the version judged against ({"version", ...}), None when there was no champion
 
 
 class Report(StageResult):

@@ -12,7 +12,9 @@ FIELDS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
                ("{:.0f} rejected", ("curate/rejected",)),
                ("{:.0f} exact + {:.0f} near duplicates", ("curate/exact_dup", "curate/near_dup"))],
     "split": [("train {:.0f} / val {:.0f} / test {:.0f}", ("split/train", "split/val", "split/test")),
-              ("{:.0f} contaminated", ("split/contaminated",))],
+              ("{:.0f} contaminated", ("split/contaminated",)),
+              ("earlier versions: {:.0f} new, {:.0f} seen, {:.0f} near duplicates of seen, {:.0f} bridges rejected",
+               ("split/new", "split/seen", "split/near_seen", "split/bridges"))],
     "template": [("train {:.0f} records, {:.0f} tokens", ("template/train/records", "template/train/tokens")),
                  ("{:.1%} trained", ("template/train/trained_share",)), ("{:.0f} rejected", ("template/rejected",))],
     "train": [("{:.0f} steps", ("train/steps",)), ("final loss {:.4g}", ("train/final_loss",)),
@@ -33,6 +35,8 @@ def _heldout(metrics: dict) -> list[str]:
     out = [" ".join(f"{tag} {v:.3f}" for tag, v in scores.items())] if scores else []
     if (delta := metrics.get(names.heldout_delta(HELDOUT_MEASURE))) is not None:
         out.append(f"delta {delta:+.3f}")
+    if (delta := metrics.get(names.champion_delta(HELDOUT_MEASURE))) is not None:
+        out.append(f"vs champion {delta:+.3f}")
     return [f"{HELDOUT_MEASURE}: " + ", ".join(out)] if out else []
 
 

@@ -56,7 +56,8 @@ COMMANDS = commands()
 
 def test_the_docs_show_the_commands_a_user_needs():
     names = {" ".join(resolve(args)[2]) for _, args in COMMANDS}
-    assert {"run", "up", "deploy", "compare", "down", "sweep", "monitor", "config", "screenshots"} <= names
+    assert {"run", "up", "deploy", "compare", "down", "sweep", "monitor", "config", "screenshots",
+            "history"} <= names
 
 
 @pytest.mark.parametrize("doc, args", COMMANDS, ids=[f"{d}: {' '.join(a)}" for d, a in COMMANDS])

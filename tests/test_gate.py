@@ -78,3 +78,12 @@ def test_non_inferiority_settled_by_the_ci_is_not_underpowered():
     metrics["forgetting/mmlu/ci_low"] = -0.12  # the CI now reaches past the margin
     out = verdict(metrics, GateConfig(min_gain=0.1, max_forgetting={"mmlu": 0.05}, bound="ci"))
     assert out["passed"] is False and out["reasons"][1].endswith("cannot rule out a drop of 0.1200")
+
+
+def test_a_champion_comparison_of_another_model_than_ft_fails_as_not_measured():
+    metrics = {"heldout/delta/ft_best/exact_match": 0.2, "forgetting/ft_best/mmlu/delta": -0.01,
+               "champion/delta/exact_match": 0.5, "champion/delta/mmlu": 0.0}  # these are ft's, not ft_best's
+    out = verdict(metrics, GateConfig(model="ft_best", target="exact_match", max_forgetting={"mmlu": 0.02}),
+                  champion={"version": "3"})
+    assert not out["passed"]
+    assert out["reasons"][-1] == "vs champion v3: not measured for `ft_best` (only `ft` is compared with the champion)"

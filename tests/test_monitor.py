@@ -15,6 +15,7 @@ from test_registry import PASS, fp, pipeline_run
 
 from sftflow.configs.loader import load_config
 from sftflow.flows.monitor import monitor
+from sftflow.stack.fence import admitted_traffic
 from sftflow.release import registry
 from sftflow.release.monitoring import MonitorError, judge, read_traffic
 from sftflow.tasks.evaluation.heldout import generate
@@ -72,7 +73,9 @@ def test_a_planted_drop_starts_a_retrain_run_with_the_new_data(tmp_path, deploym
     started = [r for r in adhoc_runs() if r.id not in before]
     assert [str(r.id) for r in started] == [result["retrain_flow_run_id"]]
     sources = started[0].parameters["sources"]
-    assert sources[-1]["path"] == str(data.resolve()) and sources[0]["path"] == "train.jsonl"
+    # the retrain run reads an admitted copy, which its own fence accepts wherever the traffic came from
+    assert Path(sources[-1]["path"]).parent == admitted_traffic() and sources[0]["path"] == "train.jsonl"
+    assert Path(sources[-1]["path"]).read_bytes() == data.read_bytes()
     assert started[0].parameters["config_file"] == str(config)
     run = MlflowClient().get_run(result["mlflow_run_id"])
     assert run.data.metrics["monitor/label_acc"] == 0.0 and run.data.tags["sftflow.monitor.verdict"] == "dropped"

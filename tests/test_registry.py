@@ -85,6 +85,24 @@ def test_a_failing_candidate_is_challenger_and_leaves_the_champion(tmp_path, nam
     assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
 
 
+def test_a_candidate_judged_against_a_champion_that_was_replaced_meanwhile_stays_challenger(tmp_path, name):
+    # two retrains started while v1 was champion; the first to finish replaced it
+    registry.register_candidate(name, pipeline_run(tmp_path), PASS, fp("a"), {})
+    judged_v1 = {**PASS, "champion": {"version": "1"}}
+    assert int(registry.register_candidate(name, pipeline_run(tmp_path, r=8), judged_v1, fp("b"), {}).version) == 2
+    assert int(registry.champion(name).version) == 2
+    late = registry.register_candidate(name, pipeline_run(tmp_path, r=16), judged_v1, fp("c"), {})
+    assert int(registry.champion(name).version) == 2 and late.aliases == ["challenger"]
+    assert late.tags["sftflow.judged_against"] == "v1"
+    note = "champion changed while judged (against v1; champion is now v2)"
+    assert note in late.tags["sftflow.promotion"] and note in late.tags["gate.reasons"]
+    # a candidate judged before any champion existed, registered after one appeared, is not promoted either
+    other = f"{name}-b"
+    registry.register_candidate(other, pipeline_run(tmp_path), PASS, fp("d"), {})
+    unjudged = registry.register_candidate(other, pipeline_run(tmp_path, r=8), PASS, fp("e"), {})
+    assert int(registry.champion(other).version) == 1 and "the base only" in unjudged.tags["sftflow.promotion"]
+
+
 def test_promote_the_challenger_then_roll_back(tmp_path, name):
     registry.register_candidate(name, pipeline_run(tmp_path), PASS, fp("a"), {})
     registry.register_candidate(name, pipeline_run(tmp_path, r=8), FAIL, fp("b"), {})

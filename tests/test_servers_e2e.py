@@ -234,6 +234,59 @@ def test_cron_schedule_trains_once_then_finishes_up_to_date(stack, mlflow_client
     assert len(mlflow_client.search_model_versions("name = 'nightly-e2e'")) == 1
 
 
+def test_the_monitor_loop_retrains_on_traffic_kept_outside_the_retrain_fence(stack, mlflow_client, data_root,
+                                                                            tmp_path):
+    """The monitor deployment admits traffic from a folder only its own fence allows; the retrain run it starts
+    on the worker reads the admitted copy and completes, fenced as before."""
+    import json
+
+    import mlflow
+    from test_registry import PASS, fp, pipeline_run
+
+    from sftflow.release import registry
+
+    conf, traffic_dir = tmp_path / "conf", tmp_path / "where-users-keep-traffic"
+    conf.mkdir(), traffic_dir.mkdir()
+    cfg = yaml.safe_load((REPO / "configs/smoke.yaml").read_text())
+    cfg.update(name="loop-e2e", monitor={"margin": 0.1})
+    cfg["data"]["root"] = cfg["eval"]["benchmark_root"] = str(data_root)
+    cfg["eval"]["mmlu"]["enabled"] = cfg["eval"]["bbh"]["enabled"] = False  # the loop is under test here
+    config = conf / "loop.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    specs = yaml.safe_load((REPO / "deployments/deployments.yaml").read_text())
+    specs["monitor"]["allow"]["roots"] = [*specs["monitor"]["allow"]["roots"], str(traffic_dir)]
+    (conf / "deployments.yaml").write_text(yaml.safe_dump({k: specs[k] for k in ("adhoc", "monitor")}))
+    cli("deploy", "--file", str(conf / "deployments.yaml"), "--config", str(config))
+    # a champion whose held-out score was 1.0, and traffic it gets all wrong
+    mlflow.set_tracking_uri(stack["mlflow_url"])
+    try:
+        registry.register_candidate("loop-e2e", pipeline_run(tmp_path, metrics={"heldout/ft/label_acc": 1.0,
+                                                                                  "heldout/records": 20}),
+                                    PASS, fp("loop"), {})
+    finally:
+        mlflow.set_tracking_uri(None)
+    traffic = traffic_dir / "traffic.jsonl"
+    traffic.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Is {i} even? Say yes or no."},
+                                                        {"role": "assistant", "content": "zzz wrong"}]}) + "\n"
+                               for i in range(20)))
+    with prefect() as client:
+        monitor = client.read_deployment_by_name("sftflow-monitor/monitor")
+        run = client.create_flow_run_from_deployment(monitor.id, parameters={
+            "config_file": str(config), "data": str(traffic), "overrides": ["gate.vs_champion.enabled=false"]})
+    finished = wait_final(run.id)
+    assert finished.state.is_completed(), finished.state
+    with prefect() as client:
+        adhoc = client.read_deployment_by_name("sftflow-retrain/adhoc")
+        started = [r for r in client.read_flow_runs() if r.deployment_id == adhoc.id
+                   and r.parameters.get("config_file") == str(config)]
+    assert len(started) == 1
+    source = started[0].parameters["sources"][-1]["path"]
+    assert Path(source).parent == env.state_dir() / "traffic" and Path(source).read_bytes() == traffic.read_bytes()
+    retrained = wait_final(started[0].id)
+    assert retrained.state.is_completed() and retrained.state.name == "Completed", retrained.state
+    assert len(mlflow_client.search_model_versions("name = 'loop-e2e'")) == 2
+
+
 def test_down_leaves_no_process_behind(stack):
     home = str(env.state_dir())
     started = []

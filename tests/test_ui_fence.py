@@ -117,6 +117,28 @@ def test_dot_dot_and_symlinks_are_resolved_before_the_roots_are_checked(tmp_path
     assert any(v.startswith("data.sources[0].path") for v in violations(ok, fence))
 
 
+def test_traffic_the_monitor_admitted_passes_the_retrain_fence_and_nothing_else_there_does(tmp_path, data_root):
+    from sftflow.flows.monitor import admit_traffic
+    from sftflow.stack.fence import admitted_traffic
+
+    users = tmp_path / "where-users-keep-traffic"
+    users.mkdir()
+    (users / "traffic.jsonl").write_text('{"messages": []}\n')
+    fence = Fence(roots=[str(REPO / "configs"), str(data_root)])
+    cfg = load_config(REPO / SMOKE, [f"data.root={data_root}", f"eval.benchmark_root={data_root}"])
+    cfg.data.sources[0].path = str(users / "traffic.jsonl")
+    assert any(v.startswith("data.sources[0].path") for v in violations(cfg, fence))  # as the user keeps it
+    copy = admit_traffic(users / "traffic.jsonl")
+    assert copy.parent == admitted_traffic() and copy.read_bytes() == (users / "traffic.jsonl").read_bytes()
+    assert admit_traffic(users / "traffic.jsonl") == copy  # named by content: admitted once
+    cfg.data.sources[0].path = str(copy)
+    assert violations(cfg, fence) == []
+    # a glob there, or a path that only passes through the folder by name, is still fenced
+    for path in (str(admitted_traffic() / "*.jsonl"), str(admitted_traffic() / ".." / ".." / "elsewhere.jsonl")):
+        cfg.data.sources[0].path = path
+        assert any(v.startswith("data.sources[0].path") for v in violations(cfg, fence)), path
+
+
 def test_what_the_deployment_allows_runs_and_plain_runs_are_not_fenced(deployments, tmp_path, data_root):
     overrides = [f"data.root={data_root}", "name=fence-allowed", "model.trust_remote_code=true"]
     cfg = resolve_config(SMOKE, overrides, None, None, None)

@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 from sftflow import errors
 from sftflow import metrics as names
 from sftflow.cli.operations import ops
+from sftflow.cli.history_command import history as history_command
 from sftflow.cli.monitor_command import monitor as monitor_command
 from sftflow.cli import terminal
 from sftflow.cli.sweep_command import sweep as sweep_command
@@ -71,20 +72,45 @@ def _load(config: Path, overrides: list[str] | None):
 
 
 def print_summary(rows: list[dict], title: str) -> None:
+    champ = any("vs_champion" in r for r in rows)
     table = Table(title=title)
-    for col in ("measure", "base", "fine-tuned", "delta", "95% CI", "p", "n", ""):
+    cols = ("measure", "base", *(["champion"] if champ else []), "fine-tuned", "delta", "95% CI", "p",
+            *(["vs champion", "95% CI "] if champ else []), "n", "")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("measure", "") else "right")
     for r in rows:
         colour = "green" if r["delta"] > 0 else "red" if r["delta"] < 0 else "white"
         ci = "" if r.get("ci_low") is None else f"[{r['ci_low']:+.3f},{r['ci_high']:+.3f}]"
         p = "" if r.get("p_value") is None else f"{r['p_value']:.3g}"
-        table.add_row(r["measure"], f"{r['base']:.3f}", f"{r['fine-tuned']:.3f}",
-                      f"[{colour}]{r['delta']:+.3f}[/{colour}]", ci, p, str(r["n"]), r.get("flag", ""))
+        cells = [r["measure"], f"{r['base']:.3f}"]
+        cells += [f"{r['champion']:.3f}" if r.get("champion") is not None else ""] if champ else []
+        cells += [f"{r['fine-tuned']:.3f}", f"[{colour}]{r['delta']:+.3f}[/{colour}]", ci, p]
+        if champ:
+            low, high = r.get("vs_champion_ci") or (None, None)
+            cells += [f"{r['vs_champion']:+.3f}" if "vs_champion" in r else "",
+                      "" if low is None else f"[{low:+.3f},{high:+.3f}]"]
+        table.add_row(*cells, str(r["n"]), r.get("flag", ""))
     console.print(table)
 
 
+def register_run(cfg, result: dict) -> str:
+    """Register the run's candidate -> the line saying what it became."""
+    from sftflow.flows.retrain import register as register_candidate
+    from sftflow.release.registry import champion
+
+    version = register_candidate(cfg, result)
+    now = champion(cfg.name)
+    role = "champion" if now and now.version == version.version else "challenger"
+    return (f"registered {cfg.name} v{version.version} as {role}"
+            + (f" (champion: v{now.version})" if role == "challenger" and now else "")
+            + f"; load it with mlflow.pyfunc.load_model('models:/{cfg.name}@{role}')")
+
+
 @app.command()
-def run(config: ConfigArg, set_: SetOpt = None) -> None:
+def run(config: ConfigArg, set_: SetOpt = None,
+        register: Annotated[bool, typer.Option(help="register the candidate as a version of the config's name: "
+                                                    "the gate (against the base and the champion) decides "
+                                                    "whether it becomes champion")] = False) -> None:
     """Run the whole pipeline (a Prefect flow; local Prefect and MLflow unless configured otherwise)."""
     terminal.quiet_prefect()
     import os
@@ -101,14 +127,19 @@ def run(config: ConfigArg, set_: SetOpt = None) -> None:
     from sftflow.redact import scrub
 
     start = time.perf_counter()
+    registered = None
     with RunOutput("run") as output:
         result = sft_pipeline(config=cfg)
         output.run_dir = result["run_dir"]
+        if register:  # inside: registering logs (packaging the model) into the run's log too
+            registered = register_run(cfg, result)
     print_summary(result["rows"], f"sftflow {cfg.name}: base vs fine-tuned")
     gate = result["gate"]
     console.print(f"promotion gate: {'[green]passed' if gate['passed'] else '[red]failed'}[/] "
                   f"({'; '.join(gate['reasons'])})")
     console.print(result["eval_timing"])
+    if registered:
+        console.print(registered, soft_wrap=True)
     console.print(f"wall time {time.perf_counter() - start:.0f} s; run dir {result['run_dir']}"
                   + ("" if terminal.VERBOSE else f"; log {output.log_path}"), soft_wrap=True)
     if record:
@@ -221,6 +252,7 @@ def model_list() -> None:
 
 
 app.command("monitor")(monitor_command)
+app.command("history")(history_command)
 app.command("sweep")(sweep_command)
 
 if __name__ == "__main__":

@@ -12,15 +12,19 @@ let a human override it. Each version that became champion records the one it re
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sftflow.configs.training import ADAPTER_METHODS
+from sftflow import history
 from sftflow.errors import UserError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PREVIOUS = "sftflow.previous_champion"
+log = logging.getLogger("sftflow.registry")
 
 
 class RegistryError(UserError, RuntimeError):
@@ -105,9 +109,68 @@ def register_candidate(name: str, parent_run_id: str, verdict: dict, fingerprint
                                           tags=tags, description=f"from run {parent.info.run_name}",
                                           model_id=logged.model_id)
     client.set_registered_model_alias(name, CHALLENGER, str(version.version))
+    record_history(client, name, int(version.version), parent, verdict, train.info.run_id)
+    judged = (verdict.get("champion") or {}).get("version")
+    client.set_model_version_tag(name, str(version.version), "sftflow.judged_against", f"v{judged}" if judged else "base")
     if verdict["passed"] and promote:
-        _move_champion(client, name, str(version.version))
+        current = _alias(client, name, CHAMPION)
+        if (str(current.version) if current else None) != (str(judged) if judged else None):
+            # another candidate became champion while this one was judged: it never faced that one
+            note = (f"champion changed while judged (against {f'v{judged}' if judged else 'the base only'}; "
+                    f"champion is now v{current.version}): left as challenger, rerun to judge it against "
+                    f"v{current.version}")
+            client.set_model_version_tag(name, str(version.version), "gate.reasons",
+                                         json.dumps([*verdict.get("reasons", []), note])[:4900])
+            client.set_model_version_tag(name, str(version.version), "sftflow.promotion", note)
+        else:
+            _move_champion(client, name, str(version.version))
     return client.get_model_version(name, version.version)
+
+
+def record_history(client: MlflowClient, name: str, version: int, parent, verdict: dict, train_run_id: str) -> None:
+    """Keep what the version trained and was judged on (sftflow/history.py), in the state dir and in its run."""
+    run_dir = parent.data.tags.get("sftflow.run_dir")
+    split_dir = Path(run_dir) / "split" if run_dir else None
+    if split_dir is None or not (split_dir / "index.jsonl").is_file():
+        log.warning("%s v%s: run %s has no data stage index; its records are not in the history",
+                    name, version, parent.info.run_id)
+        return
+    judged_on = Path(run_dir) / "champion" / "heldout_items.jsonl"  # its test split + a champion's frozen items
+    swept = Path(run_dir) / "benchmarks" / "tasks.json"
+    path = history.record(name, version, split_dir, {"run_id": parent.info.run_id,
+                                                     "gate_passed": bool(verdict["passed"])},
+                          judged_on if judged_on.is_file() else None, swept if swept.is_file() else None)
+    client.log_artifacts(parent.info.run_id, str(path), f"history/v{version}")
+    client.set_model_version_tag(name, str(version), "sftflow.history", str(path))
+    log_frozen_set(client, train_run_id, path)
+
+
+def log_frozen_set(client: MlflowClient, run_id: str, path: Path) -> None:
+    """The items the version was judged on, as MLflow datasets of the run it was registered from: its held-out
+    test items (`frozen_eval`) and the benchmark tasks by content fingerprint (`frozen_benchmarks`)."""
+    import warnings
+
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    from sftflow.records import read_jsonl
+    from sftflow.tracking import unique_race_retry
+
+    frames = {"frozen_eval": pd.DataFrame(
+        [{"id": r.get("id"), "source": r.get("source"), "label": r.get("label"),
+          "messages": json.dumps(r["messages"], ensure_ascii=False)} for r in read_jsonl(path / "test.jsonl")],
+        columns=["id", "source", "label", "messages"])}
+    if (path / history.BENCHMARKS).is_file():
+        frames["frozen_benchmarks"] = pd.DataFrame(json.loads((path / history.BENCHMARKS).read_text()))
+    inputs = []
+    for context, df in frames.items():
+        with warnings.catch_warnings():  # a local path fits two equivalent local source types; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(df, source=str(path), name=f"{path.parent.name}-{path.name}-{context}")
+            entity = dataset._to_mlflow_entity()  # its schema is inferred here
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)]))
+    unique_race_retry(lambda: client.log_inputs(run_id, datasets=inputs))
 
 
 def promote(name: str, version: str | None = None, client: MlflowClient | None = None):

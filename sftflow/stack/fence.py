@@ -79,6 +79,11 @@ def _pickles(model_dir: Path) -> list[str]:
     return sorted(p.name for p in model_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES)
 
 
+def _admitted(path: Path) -> bool:
+    """A single file (no glob) inside the admitted-traffic folder."""
+    return not any(c in str(path) for c in GLOB_CHARS) and _inside(path, [admitted_traffic().resolve()])
+
+
 def config_file_violations(config_file: Path, fence: Fence, shipped: Path | None = None) -> list[str]:
     """Checked before the file is read: a config outside the roots (or the shipped configs) is not opened."""
     roots = [Path(r).resolve() for r in fence.roots] + ([shipped.resolve()] if shipped else [])
@@ -87,13 +92,21 @@ def config_file_violations(config_file: Path, fence: Fence, shipped: Path | None
     return [f"config file {config_file} is outside the allowed roots ({', '.join(map(str, roots)) or 'none'})"]
 
 
+def admitted_traffic() -> Path:
+    """Where the monitor puts the traffic files it admitted (under its own deployment's fence) for the retrain run
+    it starts: data sources there pass any fence, since only a fenced monitor run writes them."""
+    from sftflow import env
+
+    return env.state_dir() / "traffic"
+
+
 def violations(cfg, fence: Fence) -> list[str]:
     """Everything the loaded config asks for that `fence` does not allow."""
     roots = [Path(r).resolve() for r in fence.roots]
     shown = ", ".join(map(str, roots)) or "none"
     paths = {"data.root": cfg.data.root, "eval.benchmark_root": cfg.eval.benchmark_root,
              **{f"data.sources[{i}].path": Path(cfg.data.root) / s.path
-                for i, s in enumerate(cfg.data.sources) if s.path}}
+                for i, s in enumerate(cfg.data.sources) if s.path and not _admitted(Path(cfg.data.root) / s.path)}}
     if cfg.template.chat_template and cfg.template.chat_template.endswith(".jinja"):
         paths["template.chat_template"] = cfg.template.chat_template
     if cfg.train.launcher.config_file:

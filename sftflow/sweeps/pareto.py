@@ -13,20 +13,22 @@ from sftflow.tasks.evaluation.gate import verdict
 UNMEASURED = 1.0  # the constraint of a benchmark that was not measured: infeasible, never silently passed
 
 
-def score(metrics: dict, gate: GateConfig) -> dict:
-    """{"gain", "worst_forgetting", "constraints", "feasible", "passed", "reasons"} of one trial's metrics.
+def score(metrics: dict, gate: GateConfig, champion: dict | None = None) -> dict:
+    """{"gain", "worst_forgetting", "constraints", "feasible", "passed", "reasons", "champion"} of one trial's
+    metrics; `champion` ({"version"}): the champion the trial was judged against, whose checks `passed` includes.
 
     gain and forgetting use the gate's bound (point estimates, or the pessimistic CI ends); a forgetting
     constraint is `drop - max_drop`; feasible = no benchmark forgets beyond its allowance; passed = the
     whole gate (the gain's minimum too)."""
-    v = verdict(metrics, gate)
+    v = verdict(metrics, gate, champion)
     gain = next(c["value"] for c in v["checks"] if c["check"] == "gain")
     drops = [c for c in v["checks"] if c["check"].startswith("forgetting:")]
     constraints = [UNMEASURED if c["value"] is None else c["threshold"] - c["value"] for c in drops]
     measured = [0.0 - c["value"] for c in drops if c["value"] is not None]  # 0.0 - x: no "-0.0"
     worst = max(measured) if measured else (None if drops else 0.0)  # no benchmark bounded: nothing to forget
     return {"gain": gain, "worst_forgetting": worst, "constraints": constraints,
-            "feasible": all(c <= 0 for c in constraints), "passed": v["passed"], "reasons": v["reasons"]}
+            "feasible": all(c <= 0 for c in constraints), "passed": v["passed"], "reasons": v["reasons"],
+            "champion": champion}
 
 
 def dominates(a: dict, b: dict) -> bool:

@@ -8,6 +8,7 @@ mirror.py, the per-model items from lmeval.py.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from sftflow import metrics as names
@@ -35,6 +36,12 @@ def aggregate(items: list[dict], tag: str) -> dict[str, float]:
     return metrics
 
 
+def champion_metrics(rows: list[dict]) -> dict[str, float]:
+    """`champion/delta/<benchmark or category>[/<stat>]` from the candidate-vs-champion rows."""
+    return {names.champion_delta(r["name"], None if field == "delta" else field): r[field]
+            for r in rows if r["scope"] != "subtask" for field in ("delta", *names.DELTA_STATS)}
+
+
 def sweep_models(model: str, base: str, offline: bool, baseline: bool) -> dict[str, dict]:
     """`sftflow eval`'s models: the one asked for as "model" (a LoRA adapter folder sits on `base`),
     plus the base itself when comparing; compared models share the base's tokenizer and chat template."""
@@ -53,6 +60,15 @@ def sweep_models(model: str, base: str, offline: bool, baseline: bool) -> dict[s
     ref = resolve(base, offline)
     return {"base": {"path": ref.path, "digest": ref.digest, "tokenizer": ref.path},
             "model": {**spec, "tokenizer": ref.path}}
+
+
+def task_list(tasks: list, items: list[dict]) -> list[dict]:
+    """What the sweep ran, by content: each task's fingerprint (its prompts, items and few-shot) and item count;
+    a version's history keeps it, so a later candidate can be told whether it faces the same benchmark items."""
+    per_task, per_benchmark = Counter((it["benchmark"], it["task"]) for it in items), Counter(
+        it["benchmark"] for it in items)
+    return [{"name": t.name, "benchmark": t.benchmark, "subtask": t.subtask, "fingerprint": t.fingerprint,
+             "items": per_benchmark[t.benchmark] if t.stock else per_task[(t.benchmark, t.subtask)]} for t in tasks]
 
 
 @stage("benchmarks")
@@ -74,15 +90,24 @@ def benchmarks(models: dict[str, ModelRef], cfg: EvalConfig, out_dir: Path,
         metrics.update({names.eval_work(tag, k): v for k, v in info.items()})
         write_jsonl(out_dir / f"items_{tag}.jsonl", items[tag])
         metrics.update(aggregate(items[tag], tag))
-    artifacts = [mirror, *(out_dir / f"items_{t}.jsonl" for t in items)]
+    (out_dir / "tasks.json").write_text(json.dumps(task_list(tasks, next(iter(items.values()), [])), indent=2))
+    artifacts = [mirror, out_dir / "tasks.json", *(out_dir / f"items_{t}.jsonl" for t in items)]
     rows = {}
     if "base" in items:
-        for tag in (t for t in items if t != "base"):
+        for tag in (t for t in items if t != "base"):  # the champion too: base / champion / candidate
             rows[tag] = forgetting_rows(items["base"], items[tag], cfg.bootstrap_iters, cfg.alpha, cfg.seed)
             metrics.update(forgetting_metrics(rows[tag], tag))
             (out_dir / f"forgetting_{tag}.md").write_text(to_markdown(rows[tag], tag, cfg.alpha) + "\n")
             artifacts += [out_dir / f"forgetting_{tag}.md",
                           *plot_deltas(rows[tag], out_dir / f"forgetting_{tag}.png", f"{tag} minus base (95% CI)")]
+        if names.CHAMPION in items and names.FT in items:  # the candidate against the model in service
+            rows["ft_vs_champion"] = forgetting_rows(items[names.CHAMPION], items[names.FT], cfg.bootstrap_iters,
+                                                     cfg.alpha, cfg.seed)
+            metrics.update(champion_metrics(rows["ft_vs_champion"]))
+            (out_dir / "forgetting_vs_champion.md").write_text(
+                to_markdown(rows["ft_vs_champion"], "ft", cfg.alpha).replace("ft minus base", "ft minus champion")
+                .replace("| base |", "| champion |") + "\n")
+            artifacts.append(out_dir / "forgetting_vs_champion.md")
         (out_dir / "forgetting.json").write_text(json.dumps(rows, indent=2))
         artifacts.append(out_dir / "forgetting.json")
     (out_dir / "benchmarks.json").write_text(json.dumps(metrics, indent=2))

@@ -50,13 +50,15 @@ def _check(name: str, metrics: dict, keys: tuple[str, str, str], bound: str, thr
     return _power(check, metrics, metrics.get(keys[1]), keys[2], kind)
 
 
-def verdict(metrics: dict, cfg: GateConfig) -> dict:
-    """{"passed": bool, "reasons": [str], "checks": [...], "model": tag, "bound": ...}.
+def verdict(metrics: dict, cfg: GateConfig, champion: dict | None = None) -> dict:
+    """{"passed": bool, "reasons": [str], "checks": [...], "model": tag, "bound": ..., "champion": ...}.
 
     Passes when the held-out gain of `cfg.target` is at least `min_gain` and, for every benchmark in
     `max_forgetting`, fine-tuned minus base is at least `-max_drop` (with `bound: ci`, the CI's lower end:
-    a non-inferiority test against the margin). A requirement that was not measured fails: a verdict never
-    rests on a benchmark that was switched off. A check whose test is underpowered for its margin says so.
+    a non-inferiority test against the margin). With a `champion` ({"version": ...}), also when the candidate
+    minus the champion, paired on the same items, is at least `-vs_champion.margin` on the target and at least
+    `-max_drop` on every benchmark. A requirement that was not measured fails: a verdict never rests on a
+    benchmark that was switched off, nor falls back to the base alone. An underpowered check says so.
     """
     gain = tuple(names.heldout_delta(cfg.target, s, cfg.model) for s in (None, "ci_low", "mde"))
     checks = [_check("gain", metrics, gain, cfg.bound, cfg.min_gain, f"held-out {cfg.target} gain", "gain")]
@@ -64,8 +66,22 @@ def verdict(metrics: dict, cfg: GateConfig) -> dict:
         drop = tuple(names.forgetting(bench, s, cfg.model) for s in ("delta", "ci_low", "mde"))
         checks.append(_check(f"forgetting:{bench}", metrics, drop, cfg.bound, -max_drop, f"{bench} forgetting",
                              "drop"))
+    vs = cfg.vs_champion
+    if champion is not None and cfg.model != names.FT:  # the stages pair only the fine-tuned model with it
+        checks.append({"check": "champion", "metric": None, "value": None, "threshold": None, "passed": False,
+                       "reason": f"vs champion v{champion['version']}: not measured for `{cfg.model}` (only "
+                                 f"`{names.FT}` is compared with the champion)", "mde": None, "underpowered": False})
+    elif champion is not None:
+        who = f"vs champion v{champion['version']}"
+        keys = tuple(names.champion_delta(cfg.target, s) for s in (None, "ci_low", "mde"))
+        checks.append(_check("champion:gain", metrics, keys, vs.bound, -vs.margin, f"{who}: held-out {cfg.target}",
+                             "drop"))
+        for bench, max_drop in (cfg.max_forgetting if vs.max_forgetting is None else vs.max_forgetting).items():
+            keys = tuple(names.champion_delta(bench, s) for s in (None, "ci_low", "mde"))
+            checks.append(_check(f"champion:forgetting:{bench}", metrics, keys, vs.bound, -max_drop,
+                                 f"{who}: {bench}", "drop"))
     return {"passed": all(c["passed"] for c in checks), "reasons": [c["reason"] for c in checks],
-            "checks": checks, "model": cfg.model, "bound": cfg.bound}
+            "checks": checks, "model": cfg.model, "bound": cfg.bound, "champion": champion}
 
 
 def _tag_runs(passed: bool) -> None:
@@ -83,8 +99,8 @@ def _tag_runs(passed: bool) -> None:
 
 
 @stage("gate")
-def gate(metric_sets: list[dict], cfg: GateConfig, out_dir: Path) -> Verdict:
-    result = verdict({k: v for m in metric_sets for k, v in m.items()}, cfg)
+def gate(metric_sets: list[dict], cfg: GateConfig, out_dir: Path, champion: dict | None = None) -> Verdict:
+    result = verdict({k: v for m in metric_sets for k, v in m.items()}, cfg, champion)
     (out_dir / "gate.json").write_text(json.dumps(result, indent=2))
     _tag_runs(result["passed"])
     return {**result, "metrics": {names.GATE_PASSED: float(result["passed"])},

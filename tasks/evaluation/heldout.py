@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import json
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
-from sftflow import cache, precision, stats
+from sftflow import precision, stats
 from sftflow import metrics as names
-from sftflow.cache import cached
 from sftflow.configs.schema import HeldoutConfig
-from sftflow.models import load_causal_lm, load_tokenizer, tokenizer_digest
+from sftflow.models import load_causal_lm, load_tokenizer
 from sftflow.records import prompt_messages, read_jsonl, reference, write_jsonl
 from sftflow.results import Heldout, ModelRef
 from sftflow.tasks.data.readers import DataError
+from sftflow.tasks.evaluation import item_cache
 from sftflow.tasks.evaluation.tool_calls import call_matches, first_calls
 from sftflow.tasks.training.chat import chat_messages
 from sftflow.tasks.evaluation.shared_prefix import generate_after_prefix, prefix_groups
@@ -95,17 +94,59 @@ def side_by_side(rows: list[dict], tags: list[str], limit: int) -> str:
     return "\n".join(out)
 
 
-def result_key(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, settings: dict,
-               chat_tokenizer: str | None) -> str | None:
-    """Cache key of a held-out comparison: the test split's content, every model's content digest and
-    tokenizer, the settings and library versions; None when a model has no content digest (a hub id)."""
-    if any(not spec.get("digest") or spec["digest"].startswith("hub:") for spec in models.values()):
-        return None
-    tokenizers = {tag: tokenizer_digest(chat_tokenizer or spec.get("adapter") or spec["path"])
-                  for tag, spec in models.items()}
-    libs = {lib: version(lib) for lib in ("torch", "transformers", "peft")}
-    return cache.key("heldout-v1", Path(test_path), {tag: spec["digest"] for tag, spec in models.items()},
-                     tokenizers, cfg, settings, precision.inference(), libs)
+def model_items(records: list[dict], spec: ModelRef, cfg: HeldoutConfig, system_prompt: str | None,
+                trust_remote_code: bool, chat_tokenizer: str | None) -> tuple[list[dict], dict]:
+    """One model's generation per record ({"prediction", "tool_call", "tool_call_acc"}; the tool fields None
+    when the record calls no tool), cached per record (item_cache.py): only the records missing from the cache
+    are generated, in one batched call. Also {"cached_items", "evaluated_items", "wall_s"}."""
+    key = item_cache.model_key(spec, cfg, system_prompt, chat_tokenizer)
+    keys = [item_cache.item_key(r) for r in records]
+    rows = item_cache.read(key) if key else {}
+    todo = [i for i, k in enumerate(keys) if k not in rows]
+    info = {"cached_items": len(records) - len(todo), "evaluated_items": len(todo), "wall_s": 0.0}
+    if todo:
+        # One chat template for every model (the training one, when given), so prompts are identical.
+        tok = load_tokenizer(chat_tokenizer or spec.get("adapter") or spec["path"], trust_remote_code)
+        model = load_causal_lm(spec["path"], trust_remote_code, adapter=spec.get("adapter"), merge=True).eval()
+        start = time.perf_counter()
+        missing = [records[i] for i in todo]
+        tools = [r.get("tools") for r in missing]
+        convs = [chat_messages(with_system(prompt_messages(r), system_prompt), "keep", tok.chat_template)
+                 for r in missing]
+        new = [{"prediction": p, "tool_call": None, "tool_call_acc": None}
+               for p in generate(model, tok, convs, cfg.max_new_tokens, cfg.batch_size, tools)]
+        if calls := first_calls(tok, missing, system_prompt):
+            said = generate(model, tok, [c[1] for c in calls], cfg.max_new_tokens, cfg.batch_size,
+                            [tools[c[0]] for c in calls])
+            for (j, _, _), text, hit in zip(calls, said, call_matches(tok, said, [c[2] for c in calls])):
+                new[j].update(tool_call=text, tool_call_acc=hit)
+        info["wall_s"] = time.perf_counter() - start
+        del model
+        fresh = {keys[i]: row for i, row in zip(todo, new)}
+        if key:
+            item_cache.write(key, fresh)
+        rows = {**rows, **fresh}
+    return [rows[k] for k in keys], info
+
+
+def read_test_split(test_path: str | Path, cfg: HeldoutConfig) -> list[dict]:
+    records = list(read_jsonl(Path(test_path)))[: cfg.limit]
+    if not records:
+        raise DataError(f"{test_path}: the test split is empty; raise split.test_ratio or add data")
+    return records
+
+
+def model_predictions(test: str | Path | list[dict], spec: ModelRef, cfg: HeldoutConfig,
+                      system_prompt: str | None = None, trust_remote_code: bool = False,
+                      chat_tokenizer: str | None = None) -> list[dict]:
+    """One model's held-out rows (id, reference, prediction, per-record scores) from the same per-record
+    cache as the stage, so another stage can read them without evaluating again."""
+    records = test if isinstance(test, list) else read_test_split(test, cfg)
+    items, _ = model_items(records, spec, cfg, system_prompt, trust_remote_code, chat_tokenizer)
+    refs = [reference(r) for r in records]
+    scores = correct([it["prediction"] for it in items], refs)
+    return [{"id": r["id"], "reference": ref, **it, **{name: v[i] for name, v in scores.items()}}
+            for i, (r, ref, it) in enumerate(zip(records, refs, items))]
 
 
 @stage(STAGE)
@@ -114,53 +155,37 @@ def heldout(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out
             seed: int = 0, chat_tokenizer: str | None = None) -> Heldout:
     """models: {"base": {"path", "adapter", "digest"?}, "ft": {...}, ...} -> per-model scores, deltas vs base
     with 95% CIs, macro-F1 and confusion tables for labelled data, predictions and side-by-side examples.
-    When every model carries a content digest, an unchanged rerun reads the cached result (heldout/cache_hit)."""
-    settings = {"system_prompt": system_prompt, "bootstrap_iters": bootstrap_iters, "seed": seed}
-
-    def compute(folder: Path) -> Heldout:
-        return _evaluate(test_path, models, cfg, folder, system_prompt, trust_remote_code, bootstrap_iters, seed,
-                         chat_tokenizer)
-
-    key = result_key(test_path, models, cfg, settings, chat_tokenizer)
-    if key is None:
-        result = compute(out_dir)
-        result["metrics"][names.stage_cache_hit(STAGE)] = 0
-    else:
-        result = cached(STAGE, key, out_dir, compute)
+    Generations of models with a content digest are cached per record: heldout/cache_hit is 1 when no model
+    generated anything."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = _evaluate(test_path, models, cfg, out_dir, system_prompt, trust_remote_code, bootstrap_iters, seed,
+                       chat_tokenizer)
     return {**result, "params": {**result.get("params", {}), **precision.eval_params()}}
 
 
 def _evaluate(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, out_dir: Path,
               system_prompt: str | None, trust_remote_code: bool, bootstrap_iters: int, seed: int,
               chat_tokenizer: str | None) -> Heldout:
-    records = list(read_jsonl(Path(test_path)))[: cfg.limit]
-    if not records:
-        raise DataError(f"{test_path}: the test split is empty; raise split.test_ratio or add data")
+    records = read_test_split(test_path, cfg)
     refs = [reference(r) for r in records]
     labelled = all(r.get("label") is not None for r in records)
     prompts = [with_system(prompt_messages(r), system_prompt) for r in records]
-    tools = [r.get("tools") for r in records]
     metrics, preds, per_record, labels, confusion = {names.HELDOUT_RECORDS: len(records)}, {}, {}, {}, {}
+    generated = 0
     for tag, spec in models.items():
-        # One chat template for every model (the training one, when given), so prompts are identical.
-        tok = load_tokenizer(chat_tokenizer or spec.get("adapter") or spec["path"], trust_remote_code)
-        model = load_causal_lm(spec["path"], trust_remote_code, adapter=spec.get("adapter"), merge=True).eval()
-        start = time.perf_counter()
-        preds[tag] = generate(model, tok, [chat_messages(p, "keep", tok.chat_template) for p in prompts],
-                              cfg.max_new_tokens, cfg.batch_size, tools)
+        items, info = model_items(records, spec, cfg, system_prompt, trust_remote_code, chat_tokenizer)
+        generated += info["evaluated_items"]
+        preds[tag] = [it["prediction"] for it in items]
         per_record[tag] = correct(preds[tag], refs)
-        if calls := first_calls(tok, records, system_prompt):
-            said = generate(model, tok, [c[1] for c in calls], cfg.max_new_tokens, cfg.batch_size,
-                            [tools[c[0]] for c in calls])
-            per_record[tag]["tool_call_acc"] = call_matches(tok, said, [c[2] for c in calls])
-        metrics[names.heldout(tag, "wall_s")] = time.perf_counter() - start
+        if calls := [it["tool_call_acc"] for it in items if it["tool_call_acc"] is not None]:
+            per_record[tag]["tool_call_acc"] = calls
+        metrics.update({names.heldout(tag, field): value for field, value in info.items()})
         for name, values in per_record[tag].items():
             metrics[names.heldout(tag, name)] = sum(values) / len(values)
         if labelled:
             labels[tag] = label_report(preds[tag], refs)
             metrics[names.heldout(tag, "macro_f1")] = labels[tag]["macro_f1"]
             confusion[tag] = labels[tag]["confusion"]
-        del model
     for tag in (t for t in preds if t != "base" and "base" in preds):
         for name in per_record[tag]:
             result = stats.compare(per_record["base"][name], per_record[tag][name], bootstrap_iters, seed=seed)
@@ -173,11 +198,18 @@ def _evaluate(test_path: str, models: dict[str, ModelRef], cfg: HeldoutConfig, o
             metrics.update({names.heldout_delta("macro_f1", model=tag): ft["macro_f1"] - base["macro_f1"],
                             names.heldout_delta("macro_f1", "ci_low", tag): low,
                             names.heldout_delta("macro_f1", "ci_high", tag): high})
+    if names.CHAMPION in preds and names.FT in preds:  # paired on the same records: candidate minus champion
+        for name in per_record[names.FT].keys() & per_record[names.CHAMPION].keys():
+            result = stats.compare(per_record[names.CHAMPION][name], per_record[names.FT][name], bootstrap_iters,
+                                   seed=seed)
+            metrics[names.champion_delta(name)] = result["delta"]
+            metrics.update({names.champion_delta(name, s): result[s] for s in names.DELTA_STATS})
     rows = [{"id": r["id"], "source": r["source"], "prompt": prompts[i][-1]["content"], "reference": ref,
              **{f"{t}_prediction": p[i] for t, p in preds.items()}}
             for i, (r, ref) in enumerate(zip(records, refs))]
     write_jsonl(out_dir / "predictions.jsonl", rows)
     (out_dir / "examples.md").write_text(side_by_side(rows, list(preds), cfg.examples))
     (out_dir / "heldout.json").write_text(json.dumps({"metrics": metrics, "confusion": confusion}, indent=2))
+    metrics[names.stage_cache_hit(STAGE)] = int(generated == 0)
     return {"metrics": metrics, "confusion": confusion,
             "artifacts": [out_dir / "predictions.jsonl", out_dir / "heldout.json", out_dir / "examples.md"]}
