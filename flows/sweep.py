@@ -34,6 +34,12 @@ def _trial_config(config_file: str, base_overrides: list[str], params: dict, ent
     return cfg
 
 
+def judged_against(run) -> dict | None:
+    """The champion a pipeline run was judged against ({"version"}), from its tag; None: the base only."""
+    judged = run.data.tags.get("sftflow.judged_against", "base")
+    return {"version": judged[1:]} if judged.startswith("v") else None
+
+
 def run_trial(study, spec: space.SweepSpec, config_file: str, base_overrides: list[str], sweep_run_id: str,
               entry: FlowEntry, state_dir) -> dict:
     """Ask Optuna for a trial, run the pipeline on its values, tell the score; a crash is recorded, not raised."""
@@ -62,9 +68,7 @@ def run_trial(study, spec: space.SweepSpec, config_file: str, base_overrides: li
         pruned = reporter.pruned if reporter is not None and not state.is_completed() else None
         if not state.is_completed() and not pruned:
             raise RuntimeError(f"pipeline {state.name}: {state.message}")
-        judged = found[0].data.tags.get("sftflow.judged_against", "base") if found else "base"
-        scored = None if pruned else pareto.score(found[0].data.metrics, cfg.gate,
-                                                  {"version": judged[1:]} if judged.startswith("v") else None)
+        scored = None if pruned else pareto.score(found[0].data.metrics, cfg.gate, judged_against(found[0]))
         if scored and scored["gain"] is None:
             raise RuntimeError("; ".join(scored["reasons"]))
     except FenceError:
@@ -194,9 +198,13 @@ def sweep(config_file: str = "configs/demo.yaml", space_file: str = "configs/swe
     if register_best and out["best"]:
         best = out["best"]
         cfg = _trial_config(config_file, base_overrides, best["params"], entry)
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient().get_run(best["run_id"])  # its verdict again, with the champion it was judged against
+        scored = pareto.score(run.data.metrics, cfg.gate, judged_against(run))
         version = registry.register_candidate(
-            cfg.name, best["run_id"], {"passed": True, "reasons": [f"best of sweep {name}", *best.get("reasons", [])],
-                                       "champion": best.get("champion")}, fingerprint(cfg),
+            cfg.name, best["run_id"], {"passed": scored["passed"], "champion": scored["champion"],
+                                       "reasons": [f"best of sweep {name}", *scored["reasons"]]}, fingerprint(cfg),
             {"gain": round(best["gain"], 4), "worst_forgetting": round(best["worst_forgetting"], 4)},
             promote=False).version
     import mlflow

@@ -1,6 +1,7 @@
 """Sweeps through the real flow: every trial is a whole smoke pipeline run (tiny model, Prefect, MLflow on SQLite)
 nested under the sweep's MLflow run; the Optuna study lives in SQLite beside it, so a killed sweep resumes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -95,6 +96,10 @@ def test_a_constrained_tpe_study_runs_four_trials_and_registers_the_best_as_chal
     assert str(version.version) == str(result["registered_version"]) and version.tags["mlflow.parent_run_id"] == \
         best["run_id"]
     assert registry.champion("smoke-tpe") is None  # the sweep proposes; a human promotes
+    # its verdict is the best trial's whole gate, with the champion it faced (none here: the base only)
+    reasons = json.loads(version.tags["gate.reasons"])
+    assert reasons[0].startswith("best of sweep ") and any(r.startswith("held-out ") and " gain: " in r for r in reasons)
+    assert version.tags["gate.passed"] == "true" and version.tags["sftflow.judged_against"] == "base"
 
 
 @pytest.mark.e2e
