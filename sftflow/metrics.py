@@ -18,6 +18,7 @@ DELTA_STATS = ("ci_low", "ci_high", "p_value", "mde")  # mde: minimum detectable
 FORGETTING_STATS = ("delta", *DELTA_STATS, "significant_drop")
 HELDOUT_RECORDS = "heldout/records"
 GATE_PASSED = "gate/passed"
+SPLIT_HISTORY = ("new", "seen", "near_seen", "bridges")  # records against what earlier versions saw
 
 
 def _compared(kind: str, model: str) -> str:
@@ -54,6 +55,11 @@ def heldout(tag: str, measure: str) -> str:
 def heldout_delta(measure: str, stat: str | None = None, model: str = FT) -> str:
     """`heldout/delta[/<model>]/<measure>[/<stat>]`: the model minus the base on the test split."""
     return f"{_compared('heldout/delta', model)}/{measure}" + (f"/{stat}" if stat else "")
+
+
+def split_count(name: str) -> str:
+    """`split/<name>`: records of the data stage (train, val, test, contaminated, or a SPLIT_HISTORY count)."""
+    return f"split/{name}"
 
 
 def champion_delta(measure: str, stat: str | None = None) -> str:

@@ -82,7 +82,9 @@ def test_the_builders_write_the_names_the_readme_table_documents():
              names.forgetting("<bench>/<subtask>", "delta"),
              *(names.heldout("<tag>", m) for m in ("exact_match", "label_acc", "macro_f1", "tool_call_acc")),
              names.heldout_delta("<measure>"), *(names.heldout_delta("<measure>", s) for s in names.DELTA_STATS),
-             names.GATE_PASSED}
+             *(names.heldout("<tag>", f) for f in ("cached_items", "evaluated_items")),
+             names.champion_delta("<measure>"), *(names.champion_delta("<measure>", s) for s in names.DELTA_STATS),
+             *(names.split_count(k) for k in names.SPLIT_HISTORY), names.GATE_PASSED}
     assert documented == built
     # A model other than ft carries its own prefix, as the paragraph under the table says.
     assert f"`{names.forgetting('mmlu', 'delta', 'model')}`" in README

@@ -258,13 +258,14 @@ def test_the_monitor_loop_retrains_on_traffic_kept_outside_the_retrain_fence(sta
     (conf / "deployments.yaml").write_text(yaml.safe_dump({k: specs[k] for k in ("adhoc", "monitor")}))
     cli("deploy", "--file", str(conf / "deployments.yaml"), "--config", str(config))
     # a champion whose held-out score was 1.0, and traffic it gets all wrong
+    previous = mlflow.get_tracking_uri()  # the session's store: the tests after this one register there
     mlflow.set_tracking_uri(stack["mlflow_url"])
     try:
         registry.register_candidate("loop-e2e", pipeline_run(tmp_path, metrics={"heldout/ft/label_acc": 1.0,
                                                                                   "heldout/records": 20}),
                                     PASS, fp("loop"), {})
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(previous)
     traffic = traffic_dir / "traffic.jsonl"
     traffic.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Is {i} even? Say yes or no."},
                                                         {"role": "assistant", "content": "zzz wrong"}]}) + "\n"

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sftflow import cache, history
+from sftflow import metrics as names
 from sftflow.cache import cached
 from sftflow.configs.schema import NearDedupConfig, SplitConfig
 from sftflow.records import read_jsonl, reject, write_jsonl
@@ -236,7 +237,7 @@ def _split(records_path: str, cfg: SplitConfig, out_dir: Path, upstream: dict, b
     (out_dir / "curation_report.md").write_text(markdown(report))
     metrics = {**{f"split/{n}": len(parts[n]) for n in SPLITS}, "split/contaminated": len(rejects),
                **{f"data/{k}": v for k, v in ledger.items()},
-               **({f"split/{k}": earlier[k] for k in ("new", "seen", "near_seen", "bridges")} if versions else {})}
+               **({names.split_count(k): earlier[k] for k in names.SPLIT_HISTORY} if versions else {})}
     return {"paths": paths, "metrics": metrics, "report_md": markdown(report),
             "digests": {n: m["sha256"] for n, m in manifests.items()},
             "artifacts": [out_dir / n for n in ("manifest.json", "curation_report.json", "curation_report.md",
