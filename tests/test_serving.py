@@ -93,8 +93,10 @@ def test_sftflow_serve_answers_a_chat_request_like_direct_generation_until_inter
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "cli.log"
     with log.open("w") as out:
+        # Ctrl-C as at a terminal, also where this test runs in a background job (its SIGINT may be ignored)
         proc = subprocess.Popen([sys.executable, "-m", "sftflow.cli", "serve", name, "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         serving.wait_ready(url, proc, log)
         deadline = time.monotonic() + 30
